@@ -1,0 +1,74 @@
+"""The one small interface every place machines run implements (libvirt, AWS, GCP, memory).
+
+The core (``mobykit.core.instance``) turns Infrakit's Instance SPI into these calls: it resolves
+the provider, merges tags and validates Infrakit fields, so a provider only knows its own API.
+Tags are the only state: a provider keeps every tag on the machine itself (domain metadata,
+EC2 tags, GCE labels) so that ``list`` needs nothing but the provider's API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+
+@dataclass(frozen=True)
+class BootImage:
+    """A built image as the pipeline hands it over: ``id`` is ``sha256:<canonical tar digest>``."""
+
+    id: str
+    name: str
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    disk: Path | None = None  # a raw/qcow2 disk, for providers that cannot boot kernel+initrd
+
+
+@dataclass
+class MachineSpec:
+    """One machine to create. ``properties`` were checked by ``Provider.validate`` first."""
+
+    properties: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict)
+    user_data: str = ""
+    logical_id: str | None = None
+
+
+@dataclass
+class Machine:
+    """A machine as the provider reports it. ``state`` is one of STATES."""
+
+    id: str
+    tags: dict[str, str]
+    state: str
+    logical_id: str | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+STATES = ("pending", "running", "stopping", "stopped", "terminated")
+
+
+class Provider(Protocol):
+    name: ClassVar[str]
+
+    def validate(self, properties: dict[str, Any]) -> None:
+        """Raise InvalidArgument naming any unknown or ill-typed key."""
+
+    def publish_image(self, image: BootImage, properties: dict[str, Any]) -> str:
+        """Make ``image`` bootable here (idempotent, keyed by image id); return the provider's ref."""
+
+    def create(self, spec: MachineSpec) -> Machine:
+        """Start one machine; it must be listed, with its tags, when this returns."""
+
+    def set_tags(self, id: str, tags: dict[str, str]) -> None:
+        """Replace the machine's tags with ``tags`` (the core does the merging). NotFound if gone."""
+
+    def destroy(self, id: str) -> None:
+        """Remove the machine and what was made for it (disks, config drives). Gone is success."""
+
+    def list(self, tags: dict[str, str]) -> list[Machine]:
+        """Machines not terminated whose tags include all of ``tags``, any order."""
+
+    def console_output(self, id: str) -> str:
+        """The serial console so far ("" when none can be read). NotFound if gone."""
