@@ -1,0 +1,144 @@
+"""Sources -> one canonical Tree, laid out as LinuxKit lays out its build tar:
+
+- ``boot/kernel``, ``boot/cmdline``, ``boot/ucode.cpio`` from the kernel image, and the contents of
+  its ``kernel.tar`` (modules) at the root;
+- every ``init`` image's root filesystem at the root, later images over earlier ones;
+- one OCI bundle per onboot/service/onshutdown entry (``mobykit.image.bundle``);
+- the ``files`` section last, so it can override anything above.
+
+Each image is unpacked once however many entries use it; contents stay in the work directory
+and are only referenced by the Tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from mobykit.errors import ImageError, SpecError
+from mobykit.image.bundle import add_bundle
+from mobykit.image.cache import Cache, ImageInfo
+from mobykit.image.tree import BytesContent, Entry, Tree
+
+KINDS = ("onboot", "services", "onshutdown")
+
+
+def local_inputs(spec) -> dict[str, str]:
+    """sha256 of every local file the spec copies in (``files[].source``), keyed by its path, so a
+    changed file changes the input key. A missing optional source is recorded as absent."""
+    digests: dict[str, str] = {}
+    for f in spec.files:
+        if not f.source:
+            continue
+        path = Path(f.source)
+        if not path.exists():
+            if f.optional:
+                digests[str(path)] = "absent"
+                continue
+            raise SpecError(f"source file {path} does not exist", file=f.file, line=f.line, field=f"{f.field}.source")
+        if path.is_dir():
+            raise SpecError(f"source {path} is a directory; only files can be copied", file=f.file, line=f.line, field=f"{f.field}.source")
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digests[str(path)] = "sha256:" + h.hexdigest()
+    return digests
+
+
+class _Unpacker:
+    """Unpacks each image digest once into its own work subdirectory."""
+
+    def __init__(self, cache: Cache, images: dict[str, ImageInfo], work: Path):
+        self.cache, self.images, self.work = cache, images, work
+        self.trees: dict[str, Tree] = {}
+
+    def __call__(self, ref: str) -> Tree:
+        from mobykit.image.layers import unpack_image
+
+        info = self.images[ref]
+        if info.digest not in self.trees:
+            where = self.work / info.digest.split(":")[-1][:24]
+            where.mkdir(parents=True, exist_ok=True)
+            self.trees[info.digest] = unpack_image(self.cache, info, where)
+        return self.trees[info.digest]
+
+
+def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progress=None) -> Tree:
+    unpack = _Unpacker(cache, images, work)
+    tree = Tree()
+    if spec.kernel is not None:
+        _add_kernel(tree, spec.kernel, unpack(spec.kernel.image), work)
+    for ref in spec.init:
+        tree.graft("", unpack(ref))
+    for kind in KINDS:
+        for index, entry in enumerate(getattr(spec, kind)):
+            rootfs = unpack(entry.image)
+            prefix = f"containers/{kind}/{entry.name}" if kind == "services" else f"containers/{kind}/{index:03d}-{entry.name}"
+            add_bundle(tree, prefix, entry, images[entry.image], rootfs, spec)
+    _add_files(tree, spec)
+    return tree
+
+
+def _kernel_file(kernel_tree: Tree, path: str, what: str, ref: str, required: bool) -> Entry | None:
+    entry = kernel_tree.get(path.lstrip("/"))
+    if entry is None or entry.type != "file":
+        if required:
+            raise ImageError(f"kernel image has no {what} file {path!r}", image=ref, path=path)
+        return None
+    return entry
+
+
+def _add_kernel(tree: Tree, kernel, kernel_tree: Tree, work: Path) -> None:
+    ref = kernel.image
+    binary = _kernel_file(kernel_tree, kernel.binary or "kernel", "kernel binary", ref, True)
+    tree.add(dataclasses.replace(binary, path="boot/kernel", mode=0o644, uid=0, gid=0))
+    tree.add_bytes("boot/cmdline", (kernel.cmdline or "").encode(), mode=0o644)
+    if kernel.tar and kernel.tar != "none":
+        # The default name may be absent (a kernel image without modules); a named one must exist.
+        modules = _kernel_file(kernel_tree, kernel.tar, "modules tar", ref, kernel.tar != "kernel.tar")
+        if modules is not None:
+            from mobykit.image.layers import unpack_tar_entry
+
+            tree.graft("", unpack_tar_entry(modules, work / "kernel-tar", image=ref))
+    if kernel.ucode:
+        ucode = _kernel_file(kernel_tree, kernel.ucode, "microcode", ref, True)
+        tree.add(dataclasses.replace(ucode, path="boot/ucode.cpio", mode=0o644, uid=0, gid=0))
+
+
+def _add_files(tree: Tree, spec) -> None:
+    for f in spec.files:
+        path = f.path.strip("/")
+        uid, gid = f.uid or 0, f.gid or 0
+        if f.directory:
+            tree.add_dir(path, mode=f.mode if f.mode is not None else 0o755, uid=uid, gid=gid)
+        elif f.symlink is not None:
+            tree.add_symlink(path, f.symlink)
+        else:
+            data = _file_contents(f, spec)
+            if data is None:
+                continue
+            tree.add_bytes(path, data, mode=f.mode if f.mode is not None else 0o600, uid=uid, gid=gid)
+
+
+def _file_contents(f, spec) -> bytes | None:
+    if f.metadata:
+        doc = spec.canonical()
+        if f.metadata == "json":
+            return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+        return yaml.safe_dump(doc, sort_keys=True, default_flow_style=False).encode()
+    if f.contents is not None:
+        return f.contents.encode() if isinstance(f.contents, str) else bytes(f.contents)
+    if f.source:
+        path = Path(f.source)
+        if not path.exists() and f.optional:
+            return None
+        return path.read_bytes()
+    return b""
+
+
+__all__ = ["assemble", "local_inputs", "BytesContent"]

@@ -1,0 +1,186 @@
+"""The build pipeline, in LinuxKit's moby/build shape:
+
+    spec files -> Spec -> resolved images (cache, then registry) -> input key
+      -> [skip when NAME.json already records that key and its outputs]
+      -> one canonical Tree -> NAME.tar (image id = its sha256) -> one function per output format
+
+The input key is known before any layer is read (spec + resolved digests + local file hashes), so an
+unchanged spec costs a few stats. Outputs are made in a staging directory inside the output
+directory and renamed into place only when every format has succeeded: a failed or interrupted
+build leaves no partial files behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mobykit import __version__
+from mobykit.errors import BuildError, InvalidArgument
+from mobykit.image.assemble import assemble, local_inputs
+from mobykit.image.cache import Cache, ImageInfo, default_root
+
+# Bump when the canonical tar's layout changes, so old input keys stop matching.
+BUILD_FORMAT = 1
+DEFAULT_FORMATS = ("kernel+initrd",)
+
+
+@dataclass
+class BuildResult:
+    image_id: str
+    name: str
+    outdir: Path
+    outputs: list[Path] = field(default_factory=list)
+    rebuilt: bool = True
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    def path(self, suffix: str) -> Path:
+        """The output file ``NAME<suffix>`` (e.g. ``-kernel``, ``-initrd.img``, ``.tar``)."""
+        return self.outdir / f"{self.name}{suffix}"
+
+
+def host_arch() -> str:
+    """The host architecture in the names OCI platforms use."""
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+
+
+def source_date_epoch() -> int:
+    """Every timestamp in the outputs: ``SOURCE_DATE_EPOCH`` when set, else 0 (1970-01-01)."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise InvalidArgument(f"SOURCE_DATE_EPOCH must be a whole number of seconds, got {value!r}")
+    return int(value)
+
+
+def default_name(specs: list[Path | str]) -> str:
+    first = Path(specs[0])
+    return first.name.split(".")[0] if first.suffix else first.name
+
+
+def input_key(spec, images: dict[str, ImageInfo], locals_: dict[str, str], arch: str, mtime: int) -> str:
+    """sha256 over everything the canonical tar is a function of; computed before any layer is read."""
+    doc = {
+        "build-format": BUILD_FORMAT,
+        "arch": arch,
+        "mtime": mtime,
+        "spec": spec.canonical(),
+        "images": {ref: info.digest for ref, info in sorted(images.items())},
+        "local-files": dict(sorted(locals_.items())),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _up_to_date(meta_path: Path, key: str, formats: list[str]) -> dict | None:
+    """The recorded build when NAME.json says this key was built in these formats and its files are there."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("input-key") != key or not set(formats) <= set(meta.get("formats", [])):
+        return None
+    outputs = [meta_path.parent / name for name in meta.get("outputs", [])]
+    if not all(p.is_file() for p in outputs):
+        return None
+    return meta
+
+
+def build(
+    specs: list[Path | str],
+    *,
+    formats: list[str] | None = None,
+    outdir: Path | str,
+    name: str | None = None,
+    cache: Cache | None = None,
+    pull: bool = False,
+    arch: str | None = None,
+    insecure: Iterable[str] = (),
+    progress=None,
+) -> BuildResult:
+    """Build the image the spec files describe into ``outdir``; see the module docstring."""
+    from mobykit.image.outputs import FORMATS
+    from mobykit.image.registry import Registry, ensure
+    from mobykit.spec import load
+
+    if not specs:
+        raise InvalidArgument("no spec file given")
+    spec = load([str(s) for s in specs])
+    formats = list(formats or spec.outputs or DEFAULT_FORMATS)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise InvalidArgument(f"unknown output format {unknown[0]!r} (known: {', '.join(sorted(FORMATS))})")
+    name = name or default_name(specs)
+    if not name or "/" in name or name.startswith("."):
+        raise InvalidArgument(f"--name {name!r}: must be a plain file name")
+    cache = cache or Cache(default_root())
+    arch = arch or host_arch()
+    mtime = source_date_epoch()
+    outdir = Path(outdir)
+
+    registry = Registry(cache, insecure=insecure, progress=progress)
+    images = {ref: ensure(cache, ref, arch, pull=pull, registry=registry) for ref in spec.refs()}
+    locals_ = local_inputs(spec)
+    key = input_key(spec, images, locals_, arch, mtime)
+    inputs = {ref: info.digest for ref, info in images.items()}
+
+    meta_path = outdir / f"{name}.json"
+    meta = _up_to_date(meta_path, key, formats)
+    if meta is not None:
+        return BuildResult(meta["image-id"], name, outdir, [outdir / n for n in meta["outputs"]], False, inputs)
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=outdir))
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=cache.tmpdir()))
+    try:
+        from mobykit.image.outputs import OutputContext
+        from mobykit.image.tree import write_tar
+
+        tree = assemble(spec, images, cache, work, progress=progress)
+        tar_path = staging / ".canonical.tar"  # the tar format links it as NAME.tar
+        with open(tar_path, "wb") as out:
+            digest = write_tar(tree, out, mtime)
+        image_id = f"sha256:{digest}"
+        ctx = OutputContext(name=name, outdir=staging, tar_path=tar_path, image_id=image_id, mtime=mtime)
+        produced: list[Path] = []
+        for fmt in formats:
+            for path in FORMATS[fmt](ctx):
+                if path not in produced:
+                    produced.append(path)
+        meta = {
+            "name": name,
+            "image-id": image_id,
+            "input-key": key,
+            "mobykit": __version__,
+            "arch": arch,
+            "formats": formats,
+            "inputs": [{"ref": ref, "digest": d} for ref, d in sorted(inputs.items())],
+            "local-files": dict(sorted(locals_.items())),
+            "outputs": sorted(p.name for p in produced),
+        }
+        _commit(staging, outdir, produced, meta_path, meta)
+        return BuildResult(image_id, name, outdir, [outdir / p.name for p in produced], True, inputs)
+    except OSError as e:
+        raise BuildError(f"writing {outdir}: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _commit(staging: Path, outdir: Path, produced: list[Path], meta_path: Path, meta: dict) -> None:
+    """Move finished outputs into place. NAME.json goes first-out and last-in, so no listing of
+    outputs ever refers to files that are half replaced."""
+    meta_path.unlink(missing_ok=True)
+    for path in produced:
+        os.replace(path, outdir / path.name)
+    tmp = staging / meta_path.name
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, meta_path)
