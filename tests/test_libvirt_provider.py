@@ -1,0 +1,194 @@
+"""Contract tests of the libvirt provider on libvirt's in-process ``test:///default`` driver.
+
+They check what the core and the group controller rely on: an instance is listed with its tags as
+soon as create returns, tags live only in libvirt (a fresh provider sees them), destroy is
+idempotent and leaves no volume, IDs sort by creation, and bad properties are named.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound  # noqa: E402
+from mobykit.providers.base import BootImage, MachineSpec  # noqa: E402
+from mobykit.providers.libvirt import LibvirtProvider, created_ns, parse_publish  # noqa: E402
+
+URI = "test:///default"
+
+
+@pytest.fixture
+def provider():
+    """A provider on the mock driver; every domain and volume it made is removed afterwards
+    (test:///default keeps its state for the whole process)."""
+    p = LibvirtProvider({"URI": URI, "Pool": "mobykit-test"})
+    yield p
+    for m in p.list({}):
+        p.destroy(m.id)
+    conn = libvirt.open(URI)
+    try:
+        pool = conn.storagePoolLookupByName("mobykit-test")
+        for vol in pool.listAllVolumes(0):
+            vol.delete(0)
+        pool.destroy()
+        pool.undefine()
+    except libvirt.libvirtError:
+        pass
+    conn.close()
+    p.close()
+
+
+def _spec(tags=None, **props) -> MachineSpec:
+    props.setdefault("Kernel", "/boot/vmlinuz-test")
+    props.setdefault("Initrd", "/boot/initrd-test")
+    return MachineSpec(properties=props, tags=dict(tags or {}))
+
+
+def _pool_volumes() -> list[str]:
+    conn = libvirt.open(URI)
+    try:
+        return sorted(conn.storagePoolLookupByName("mobykit-test").listVolumes())
+    finally:
+        conn.close()
+
+
+def test_created_instance_is_listed_with_tags_and_logical_id(provider):
+    spec = _spec({"infrakit.group": "workers", "role": "web"})
+    spec.logical_id = "10.0.0.5"
+    m = provider.create(spec)
+    assert m.id.startswith("mobykit-")
+    listed = provider.list({"infrakit.group": "workers"})
+    assert [x.id for x in listed] == [m.id]
+    assert listed[0].tags == {"infrakit.group": "workers", "role": "web"}
+    assert listed[0].logical_id == "10.0.0.5"
+    assert listed[0].state == "running"
+    assert listed[0].properties["CreatedNs"] == created_ns(m.id)
+    assert provider.list({"infrakit.group": "other"}) == []
+
+
+def test_foreign_domains_are_not_listed(provider):
+    # test:///default ships a domain called "test" that mobykit did not make.
+    assert all(m.id.startswith("mobykit-") for m in provider.list({}))
+    assert "test" not in [m.id for m in provider.list({})]
+
+
+def test_tags_live_in_libvirt_not_in_the_provider(provider):
+    m = provider.create(_spec({"a": "1"}))
+    provider.set_tags(m.id, {"a": "2", "b": "x"})
+    fresh = LibvirtProvider({"URI": URI, "Pool": "mobykit-test"})
+    try:
+        (seen,) = [x for x in fresh.list({}) if x.id == m.id]
+        assert seen.tags == {"a": "2", "b": "x"}  # replaced, as the Provider contract says
+        assert fresh.list({"a": "1"}) == []
+    finally:
+        fresh.close()
+
+
+def test_set_tags_on_a_gone_instance_is_not_found(provider):
+    with pytest.raises(NotFound):
+        provider.set_tags("mobykit-00000000000000000001-dead", {"a": "b"})
+
+
+def test_destroy_is_idempotent_and_leaves_no_volume(provider):
+    spec = _spec({"g": "1"})
+    spec.user_data = "#!/bin/sh\necho hi\n"
+    m = provider.create(spec)
+    vols = _pool_volumes()
+    assert f"{m.id}.console" in vols and f"{m.id}.cidata.iso" in vols
+    provider.destroy(m.id)
+    provider.destroy(m.id)
+    provider.destroy("mobykit-00000000000000000001-dead")
+    assert provider.list({}) == []
+    assert not [v for v in _pool_volumes() if v.startswith(m.id)]
+    conn = libvirt.open(URI)
+    try:
+        assert m.id not in [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        conn.close()
+
+
+def test_ids_sort_in_creation_order(provider):
+    ids = [provider.create(_spec({"n": str(i)})).id for i in range(6)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 6
+    assert [m.id for m in provider.list({})] == ids
+
+
+@pytest.mark.parametrize(
+    "props, needle",
+    [
+        ({"Kernel": "/k", "Initrd": "/i", "Colour": "blue"}, "Colour"),
+        ({"Kernel": "/k", "Initrd": "/i", "CPUs": 0}, "CPUs"),
+        ({"Kernel": "/k", "Initrd": "/i", "Memory": "lots"}, "Memory"),
+        ({"Kernel": "/k", "Initrd": "/i", "Publish": "8080:80"}, "Publish"),
+        ({"Kernel": "/k", "Initrd": "/i", "Publish": ["0.0.0.0:8080:80"]}, "Publish[0]"),
+        ({"Kernel": "/k", "Initrd": "/i", "Publish": ["80:80", "80:81"]}, "Publish[1]"),
+        ({"Image": "ubuntu"}, "Image"),
+        ({"Kernel": "/k"}, "Initrd"),
+    ],
+)
+def test_bad_properties_are_named(provider, props, needle):
+    pattern = needle.replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(InvalidArgument, match=pattern):
+        provider.validate(props)
+    with pytest.raises(InvalidArgument, match=pattern):
+        provider.create(MachineSpec(properties=props))
+    assert provider.list({}) == []
+
+
+def test_nothing_to_boot_is_an_error_at_create_not_validate(provider):
+    # The moby flavor adds Image in Prepare, after the group validated the instance properties.
+    provider.validate({"Memory": 256})
+    with pytest.raises(InvalidArgument, match="Image"):
+        provider.create(MachineSpec(properties={"Memory": 256}))
+    assert provider.list({}) == []
+
+
+def test_missing_kernel_file_is_named_on_validate(provider, tmp_path):
+    with pytest.raises(InvalidArgument, match="Properties.Kernel: .*no such file"):
+        provider.validate({"Kernel": str(tmp_path / "nope"), "Initrd": str(tmp_path / "nope2")})
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(InvalidArgument, match="Socket"):
+        LibvirtProvider({"URI": URI, "Socket": "/x"})
+
+
+def test_uri_comes_from_config_then_environment(monkeypatch):
+    monkeypatch.setenv("MOBYKIT_LIBVIRT_URI", "test:///default")
+    assert LibvirtProvider({}).uri == "test:///default"
+    assert LibvirtProvider({"URI": "qemu:///system"}).uri == "qemu:///system"
+    monkeypatch.delenv("MOBYKIT_LIBVIRT_URI")
+    assert LibvirtProvider({}).uri == "qemu:///session"
+
+
+def test_unpublished_image_is_a_precondition_failure_then_publish_makes_it_bootable(provider, tmp_path):
+    image_id = "sha256:" + "cd" * 32
+    with pytest.raises(FailedPrecondition, match=image_id):
+        provider.create(MachineSpec(properties={"Image": image_id}))
+    assert provider.list({}) == []
+    kernel, initrd = tmp_path / "kernel", tmp_path / "initrd"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    boot = BootImage(id=image_id, name="t", kernel=kernel, initrd=initrd, cmdline="console=ttyS0 x=1")
+    ref = provider.publish_image(boot, {})
+    assert ref == provider.publish_image(boot, {})  # idempotent
+    m = provider.create(MachineSpec(properties={"Image": image_id, "Memory": 256, "CPUs": 2}))
+    assert m.properties["Image"] == image_id
+    conn = libvirt.open(URI)
+    try:
+        xml = conn.lookupByName(m.id).XMLDesc(0)
+    finally:
+        conn.close()
+    assert f"<kernel>{kernel}</kernel>" in xml
+    assert "<cmdline>console=ttyS0 x=1</cmdline>" in xml
+    assert "<vcpu placement='static'>2</vcpu>" in xml
+    assert "262144" in xml  # 256 MiB in KiB
+
+
+def test_publish_parsing():
+    assert parse_publish("8080:80") == ("tcp", 8080, 80)
+    assert parse_publish("127.0.0.1:53:53/udp") == ("udp", 53, 53)
+    with pytest.raises(InvalidArgument):
+        parse_publish("70000:80")
