@@ -1,0 +1,149 @@
+"""``mobykit serve``: run the Instance/Flavor/Group/Images plugin over gRPC and Infrakit's JSON-RPC.
+
+Why both transports in one process: gRPC (with reflection, health, TLS client certificates) is
+what our own CLI and grpcurl users speak; the JSON-RPC socket is what an unmodified Infrakit
+finds in its plugins directory. Both serve the same plugin objects, so a group committed through
+one is seen through the other. Nothing heavy is imported until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from mobykit.errors import InvalidArgument
+
+log = logging.getLogger("mobykit.serve")
+
+DEFAULT_LISTEN = "unix:" + str(Path("~/.mobykit/mobykit.sock").expanduser())
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the Infrakit instance/flavor/group plugin (gRPC + Infrakit JSON-RPC)",
+        description="Serve mobykit's Instance, Flavor, Group and Images APIs over gRPC, and Infrakit's "
+        "JSON-RPC plugin protocol on a unix socket.",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help=f"unix:PATH or tcp://HOST:PORT; repeatable (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate (PEM) for TCP listeners")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, metavar="FILE", help="CA that signs the client certificates")
+    p.add_argument("--insecure", action="store_true", help="allow TCP listeners without TLS (do not use off-host)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="config file (YAML; default $MOBYKIT_CONFIG)")
+    p.add_argument(
+        "--infrakit-socket",
+        type=Path,
+        metavar="PATH",
+        help="Infrakit JSON-RPC socket (default $INFRAKIT_PLUGINS_DIR/mobykit, else $INFRAKIT_HOME/plugins/mobykit, "
+        "else ~/.infrakit/plugins/mobykit)",
+    )
+    p.add_argument("--no-infrakit", action="store_true", help="do not serve Infrakit's JSON-RPC socket")
+    p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS", help="how long calls in progress may take to finish on SIGTERM")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every call")
+    p.set_defaults(func=run)
+
+
+def _optional(module: str, attr: str):
+    """A component by name, or None when its module is not installed (the server still serves
+    the rest). An import error inside a present module is a bug and is raised."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
+    return getattr(mod, attr, None)
+
+
+def compose(config: dict[str, Any]):
+    """The plugin objects the server serves, from what is installed and configured."""
+    from mobykit.core.instance import InstanceCore
+    from mobykit.rpc.plugins import Plugins
+
+    instance = InstanceCore(config)
+    flavors: dict[str, Any] = {}
+    moby = _optional("mobykit.flavor.moby", "MobyFlavor")
+    if moby is not None:
+        flavors["moby"] = moby(config)
+    vanilla = _optional("mobykit.flavor.vanilla", "VanillaFlavor")
+    if vanilla is not None:
+        flavors["vanilla"] = vanilla()
+    plugins = Plugins(instance=instance, flavors=flavors, config=config)
+    group_cls = _optional("mobykit.group.plugin", "GroupPluginImpl")
+    if group_cls is not None:
+        plugins.group = group_cls(lambda name: instance, lambda name: plugins.flavor(_type_of(name)))
+    return plugins
+
+
+def _type_of(plugin_name: str) -> str:
+    """``mobykit/moby`` -> ``moby``; a name without a type -> ``""``."""
+    return plugin_name.partition("/")[2]
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from mobykit.core import config as configuration
+    from mobykit.rpc import server as grpc_server
+    from mobykit.rpc.jsonrpc import JsonRpcServer, default_socket_path
+
+    listens = [grpc_server.Listen.parse(a) for a in (args.listen or [DEFAULT_LISTEN])]
+    tls_parts = (args.tls_cert, args.tls_key, args.tls_client_ca)
+    tls = None
+    if any(tls_parts):
+        if not all(tls_parts):
+            raise InvalidArgument("--tls-cert, --tls-key and --tls-client-ca must be given together")
+        tls = grpc_server.TLSFiles(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    if any(lst.kind == "tcp" for lst in listens) and tls is None and not args.insecure:
+        raise InvalidArgument("TCP listeners need --tls-cert, --tls-key and --tls-client-ca, or --insecure explicitly")
+    for lst in listens:
+        if lst.kind == "unix":
+            Path(lst.target).parent.mkdir(parents=True, exist_ok=True)
+
+    config = configuration.load(args.config)
+    plugins = compose(config)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    server, bound = grpc_server.make_server(plugins, listens, tls=tls, insecure=args.insecure)
+    jsonrpc = None
+    try:
+        if not args.no_infrakit:
+            jsonrpc = JsonRpcServer(plugins, args.infrakit_socket or default_socket_path()).start()
+            bound.append(f"infrakit:{jsonrpc.path}")
+        for b in bound:
+            print(f"listening on {b}", flush=True)
+        start = getattr(plugins.group, "start", None)
+        if callable(start):
+            start()
+        stop.wait()
+        log.info("stopping: letting calls in progress finish (up to %.0fs)", args.grace)
+    finally:
+        halt = getattr(plugins.group, "stop", None)
+        if callable(halt):
+            halt()
+        threads = [threading.Thread(target=grpc_server.stop, args=(server, args.grace))]
+        if jsonrpc is not None:
+            threads.append(threading.Thread(target=jsonrpc.stop, args=(args.grace,)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for lst in listens:
+            if lst.kind == "unix":
+                Path(lst.target).unlink(missing_ok=True)
+    print("stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,66 @@
+"""The server's config file: which settings each provider gets.
+
+YAML, from ``--config FILE`` or ``$MOBYKIT_CONFIG``; absent means defaults. Shape:
+``{providers: {libvirt: {...}, aws: {...}, gcp: {...}, memory: {...}}, default_provider: NAME,
+cache: DIR}``. Each
+provider section is handed to that provider unread: only the provider knows its keys, so an
+unknown key there is reported by the provider, naming it. Top-level keys are checked here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mobykit.errors import InvalidArgument
+
+TOP_LEVEL_KEYS = ("providers", "default_provider", "cache", "flavors", "group")
+ENV = "MOBYKIT_CONFIG"
+
+
+def load(path: str | Path | None = None) -> dict[str, Any]:
+    """Read and check the config file; ``path`` None means ``$MOBYKIT_CONFIG`` or no file."""
+    import yaml
+
+    if path is None:
+        path = os.environ.get(ENV) or None
+    if path is None:
+        return {"providers": {}}
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InvalidArgument(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InvalidArgument(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    return check(data, str(path))
+
+
+def check(data: Any, source: str = "config") -> dict[str, Any]:
+    """Validate the config's top level; returns it with ``providers`` always present."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{source}: must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise InvalidArgument(f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(TOP_LEVEL_KEYS)})")
+    providers = data.get("providers") or {}
+    if not isinstance(providers, dict):
+        raise InvalidArgument(f"{source}: providers: must be a mapping of provider name to settings")
+    for name, section in providers.items():
+        if section is not None and not isinstance(section, dict):
+            raise InvalidArgument(f"{source}: providers.{name}: must be a mapping, got {type(section).__name__}")
+    out = dict(data)
+    out["providers"] = {name: dict(section or {}) for name, section in providers.items()}
+    return out
+
+
+def provider_settings(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The settings section of provider ``name`` (empty when the file has none)."""
+    return dict((config.get("providers") or {}).get(name) or {})

@@ -1,0 +1,183 @@
+"""InstanceCore: Infrakit's Instance SPI (0.6.1) over mobykit's providers.
+
+Why a core between the transports and the providers: the SPI's promises (tags merged on Label,
+unknown IDs destroyed successfully, results sorted, pending machines listed, built images
+published before boot) are the same for every cloud, so they are kept once here and each provider
+only speaks its own API (see ``mobykit.providers.base``).
+
+Which provider serves a call: ``properties["Provider"]`` when the request has properties (Validate,
+Provision), else the Infrakit Type (``libvirt`` for the plugin name ``mobykit/libvirt``), else the
+config's ``default_provider``, else ``libvirt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from mobykit import providers as provider_registry
+from mobykit.core import config as configuration
+from mobykit.errors import InvalidArgument, NotFound, Unavailable
+from mobykit.providers.base import MachineSpec
+from mobykit.spi.types import Description, DestroyReason, Spec
+
+log = logging.getLogger("mobykit.core")
+
+PROVIDER_KEY = "Provider"
+IMAGE_KEY = "Image"
+DEFAULT_PROVIDER = "libvirt"
+
+
+class InstanceCore:
+    """Implements ``mobykit.spi.instance.InstancePlugin``.
+
+    ``providers`` injects ready provider objects by name (tests, or a server that shares one
+    provider between the core and other components); others are loaded on first use with their
+    config section and then kept, so a provider's connection is made once.
+    """
+
+    def __init__(self, config: dict[str, Any] | None = None, providers: dict[str, Any] | None = None):
+        self.config = configuration.check(config or {})
+        self.default = self.config.get("default_provider") or DEFAULT_PROVIDER
+        self._providers: dict[str, Any] = dict(providers or {})
+        self._lock = threading.Lock()
+        # Label is read-modify-write on the provider's tags: serialise it per instance id.
+        self._label_locks: dict[str, threading.Lock] = {}
+
+    # -- provider selection -------------------------------------------------------------------
+
+    def known_names(self) -> list[str]:
+        return sorted(set(provider_registry.NAMES) | set(self._providers))
+
+    def provider(self, name: str):
+        """The provider called ``name``: injected, already loaded, or loaded now."""
+        with self._lock:
+            if name in self._providers:
+                return self._providers[name]
+            if name not in provider_registry.NAMES:
+                raise InvalidArgument(f"unknown provider {name!r} (known: {', '.join(self.known_names())})")
+            try:
+                p = provider_registry.load(name, configuration.provider_settings(self.config, name))
+            except ImportError as e:
+                # The provider's module or its SDK is not installed on this server.
+                raise Unavailable(f"provider {name!r} is not available on this server: {e}") from None
+            self._providers[name] = p
+            return p
+
+    def _name(self, type: str, properties: Any = None) -> str:
+        if isinstance(properties, dict) and PROVIDER_KEY in properties:
+            name = properties[PROVIDER_KEY]
+            if not isinstance(name, str) or not name:
+                raise InvalidArgument(f"Properties.{PROVIDER_KEY}: must be a provider name, got {name!r}")
+            return name
+        return type or self.default
+
+    # -- the SPI ------------------------------------------------------------------------------
+
+    def validate(self, type: str, properties: Any) -> None:
+        self._validated(type, properties)
+
+    def _validated(self, type: str, properties: Any) -> tuple[Any, dict[str, Any]]:
+        if properties is None:
+            properties = {}
+        if not isinstance(properties, dict):
+            raise InvalidArgument(f"Properties: must be an object, got {_json_type(properties)}")
+        name = self._name(type, properties)
+        provider = self.provider(name)
+        own = {k: v for k, v in properties.items() if k != PROVIDER_KEY}
+        provider.validate(own)
+        return provider, own
+
+    def provision(self, type: str, spec: Spec) -> str:
+        _check_str_map(spec.tags, "Spec.Tags")
+        if spec.logical_id is not None and not isinstance(spec.logical_id, str):
+            raise InvalidArgument("Spec.LogicalID: must be a string")
+        if not isinstance(spec.init, str):
+            raise InvalidArgument("Spec.Init: must be a string")
+        provider, props = self._validated(type, spec.properties)
+        self._publish_image(provider, props)
+        machine = provider.create(
+            MachineSpec(properties=props, tags=dict(spec.tags), user_data=spec.init, logical_id=spec.logical_id)
+        )
+        log.info("provisioned %s on %s", machine.id, getattr(provider, "name", "?"))
+        return machine.id
+
+    def label(self, type: str, instance: str, labels: dict[str, str]) -> None:
+        if not instance:
+            raise InvalidArgument("Instance: an instance id is required")
+        _check_str_map(labels, "Labels")
+        provider = self.provider(self._name(type))
+        with self._lock:
+            lock = self._label_locks.setdefault(instance, threading.Lock())
+        with lock:
+            current = self._find(provider, instance)
+            if current is None:
+                raise NotFound(f"instance {instance!r} not found")
+            merged = dict(current.tags)
+            merged.update(labels)
+            provider.set_tags(instance, merged)
+
+    def destroy(self, type: str, instance: str, reason: DestroyReason = DestroyReason.TERMINATE) -> None:
+        if not instance:
+            raise InvalidArgument("Instance: an instance id is required")
+        provider = self.provider(self._name(type))
+        try:
+            provider.destroy(instance)
+        except NotFound:
+            pass  # already gone: the SPI says destroying it succeeds
+        log.info("destroyed %s (%s)", instance, DestroyReason(reason).value)
+
+    def describe_instances(self, type: str, tags: dict[str, str], properties: bool = False) -> list[Description]:
+        _check_str_map(tags, "Tags")
+        provider = self.provider(self._name(type))
+        out = []
+        for m in provider.list(dict(tags)):
+            if m.state == "terminated" or not all(m.tags.get(k) == v for k, v in tags.items()):
+                continue
+            props = None
+            if properties:
+                # The provider's view of the machine, plus its lifecycle state (ours wins on "State").
+                props = dict(m.properties or {})
+                props["State"] = m.state
+            out.append(Description(id=m.id, tags=dict(m.tags), logical_id=m.logical_id, properties=props))
+        out.sort(key=lambda d: d.id)
+        return out
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _find(self, provider, instance: str):
+        for m in provider.list({}):
+            if m.id == instance and m.state != "terminated":
+                return m
+        return None
+
+    def _publish_image(self, provider, props: dict[str, Any]) -> None:
+        """A built image id in Properties.Image is made bootable on the provider before create."""
+        image = props.get(IMAGE_KEY)
+        if not (isinstance(image, str) and image.startswith("sha256:")):
+            return
+        try:
+            from mobykit.image import store
+        except ModuleNotFoundError as e:
+            if e.name not in ("mobykit.image.store",):
+                raise
+            log.warning("image store not available; not publishing %s", image)
+            return
+        kwargs = {"cache": self.config["cache"]} if self.config.get("cache") else {}
+        boot = store.get(image, **kwargs)
+        provider.publish_image(boot, props)
+
+
+def _check_str_map(value: Any, field: str) -> None:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field}: must be an object of strings, got {_json_type(value)}")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidArgument(f"{field}.{k}: must be a string, got {_json_type(v)}")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )

@@ -1,0 +1,1 @@
+"""Generated from proto/ by ``python -m mobykit.rpc.generate``; do not edit."""

@@ -1,0 +1,514 @@
+"""Infrakit's plugin wire: JSON-RPC 2.0 over HTTP/1.1 on a unix socket.
+
+An unmodified Infrakit (``infrakit group``, ``infrakit instance describe``...) finds a plugin by
+its socket file in the plugins directory and speaks this protocol to it, so mobykit's instance,
+flavor and group plugins are reachable by Infrakit users as ``mobykit/libvirt``, ``mobykit/moby``
+and ``mobykit``. Shapes follow Infrakit's Go types (pkg/rpc/{instance,flavor,group}/types.go,
+pkg/spi/...): field names in Infrakit's exact case on output, matched case-insensitively on input
+as Go's encoding/json does. Map keys (Tags, Labels) and opaque Properties are never re-cased.
+
+Why hand-written on the standard library: no maintained Python package speaks this dialect (HTTP
+over AF_UNIX, Go's case-insensitive fields, gorilla/rpc's error object), and the whole transport is
+one small dispatcher; ``json`` keeps large integer ids exact (Python ints never become floats).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socketserver
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+from mobykit.core.errors import classify
+from mobykit.errors import InvalidArgument
+from mobykit.spi import flavor as flavor_spi
+from mobykit.spi import group as group_spi
+from mobykit.spi import instance as instance_spi
+from mobykit.spi.group import GroupDescription, GroupSpec
+from mobykit.spi.types import Allocation, Attachment, Description, DestroyReason, Health, Index, Spec
+
+log = logging.getLogger("mobykit.jsonrpc")
+
+# gorilla/rpc json2's error codes, which Infrakit's client and server use.
+E_PARSE, E_INVALID_REQ, E_NO_METHOD, E_BAD_PARAMS, E_SERVER = -32700, -32600, -32601, -32602, -32000
+MAX_BODY = 16 << 20  # a request larger than this is not an Infrakit call
+
+
+class RPCError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _spec_name(spi: tuple[str, str]) -> str:
+    return f"{spi[0]}/{spi[1]}"
+
+
+INSTANCE, FLAVOR, GROUP = (_spec_name(m.INTERFACE) for m in (instance_spi, flavor_spi, group_spi))
+
+
+# -- reading Go-style objects ------------------------------------------------------------------------
+
+
+def field(obj: dict[str, Any], name: str, default: Any = None) -> Any:
+    """``obj[name]`` matched as Go's encoding/json matches struct fields: exact, else case-insensitive."""
+    if name in obj:
+        return obj[name]
+    folded = name.casefold()
+    for key, value in obj.items():
+        if isinstance(key, str) and key.casefold() == folded:
+            return value
+    return default
+
+
+def _obj(value: Any, where: str, required: bool = False) -> dict[str, Any]:
+    if value is None:
+        if required:
+            raise InvalidArgument(f"{where}: required")
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{where}: must be an object, got {_json_type(value)}")
+    return value
+
+
+def _str(value: Any, where: str, required: bool = False) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where}: must be a string, got {_json_type(value)}")
+    if required and not value:
+        raise InvalidArgument(f"{where}: required")
+    return value
+
+
+def _int(value: Any, where: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise InvalidArgument(f"{where}: must be an integer, got {_json_type(value)}")
+    return int(value)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{where}: must be true or false, got {_json_type(value)}")
+    return value
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    m = _obj(value, where)
+    for k, v in m.items():
+        if not isinstance(v, str):
+            raise InvalidArgument(f"{where}.{k}: must be a string, got {_json_type(v)}")
+    return dict(m)
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{where}: must be an array, got {_json_type(value)}")
+    return [_str(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(type(value), "value")
+
+
+def spec_in(value: Any, where: str = "Spec") -> Spec:
+    o = _obj(value, where)
+    logical = field(o, "LogicalID")
+    raw = field(o, "Attachments") or []
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"{where}.Attachments: must be an array, got {_json_type(raw)}")
+    attachments = []
+    for i, item in enumerate(raw):
+        a = _obj(item, f"{where}.Attachments[{i}]")
+        attachments.append(
+            Attachment(id=_str(field(a, "ID"), f"{where}.Attachments[{i}].ID"), type=_str(field(a, "Type"), f"{where}.Attachments[{i}].Type"))
+        )
+    return Spec(
+        properties=field(o, "Properties"),
+        tags=_str_map(field(o, "Tags"), f"{where}.Tags"),
+        init=_str(field(o, "Init"), f"{where}.Init"),
+        logical_id=None if logical is None else _str(logical, f"{where}.LogicalID"),
+        attachments=attachments,
+    )
+
+
+def spec_out(s: Spec) -> dict[str, Any]:
+    return {
+        "Properties": s.properties,
+        "Tags": dict(s.tags or {}),
+        "Init": s.init or "",
+        "LogicalID": s.logical_id,
+        "Attachments": [{"ID": a.id, "Type": a.type} for a in s.attachments] if s.attachments else None,
+    }
+
+
+def description_in(value: Any, where: str = "Instance") -> Description:
+    o = _obj(value, where, required=True)
+    logical = field(o, "LogicalID")
+    return Description(
+        id=_str(field(o, "ID"), f"{where}.ID", required=True),
+        tags=_str_map(field(o, "Tags"), f"{where}.Tags"),
+        logical_id=None if logical is None else _str(logical, f"{where}.LogicalID"),
+        properties=field(o, "Properties"),
+    )
+
+
+def description_out(d: Description) -> dict[str, Any]:
+    out: dict[str, Any] = {"ID": d.id, "LogicalID": d.logical_id, "Tags": dict(d.tags or {})}
+    if d.properties is not None:  # `json:",omitempty"` in Infrakit
+        out["Properties"] = d.properties
+    return out
+
+
+def allocation_in(value: Any, where: str = "Allocation") -> Allocation:
+    o = _obj(value, where)
+    return Allocation(
+        size=_int(field(o, "Size"), f"{where}.Size"),
+        logical_ids=_str_list(field(o, "LogicalIDs"), f"{where}.LogicalIDs"),
+    )
+
+
+def index_in(value: Any, where: str = "Index") -> Index:
+    o = _obj(value, where)
+    return Index(group=_str(field(o, "Group"), f"{where}.Group"), sequence=_int(field(o, "Sequence"), f"{where}.Sequence"))
+
+
+def group_spec_in(value: Any, where: str = "Spec") -> GroupSpec:
+    o = _obj(value, where, required=True)
+    props = field(o, "Properties")
+    return GroupSpec(id=_str(field(o, "ID"), f"{where}.ID", required=True), properties=props if props is not None else {})
+
+
+def group_spec_out(s: GroupSpec) -> dict[str, Any]:
+    return {"ID": s.id, "Properties": s.properties}
+
+
+def group_description_out(d: GroupDescription) -> dict[str, Any]:
+    return {"Instances": [description_out(i) for i in d.instances], "Converged": bool(d.converged)}
+
+
+# -- the methods -----------------------------------------------------------------------------------
+
+
+class Dispatcher:
+    """Maps ``Service.Method`` to the SPI objects; independent of the transport so it can be
+    tested and benchmarked without a socket."""
+
+    def __init__(self, plugins):
+        self.plugins = plugins
+        self.methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "Handshake.Hello": self.hello,
+            "Handshake.Implements": self.implements,
+            "Handshake.Types": self.types,
+            "Plugin.Implements": self.implements,
+        }
+        if plugins.instance is not None:
+            self.methods.update(
+                {
+                    "Instance.Validate": self.instance_validate,
+                    "Instance.Provision": self.instance_provision,
+                    "Instance.Label": self.instance_label,
+                    "Instance.Destroy": self.instance_destroy,
+                    "Instance.DescribeInstances": self.instance_describe,
+                }
+            )
+        if plugins.flavors:
+            self.methods.update(
+                {
+                    "Flavor.Validate": self.flavor_validate,
+                    "Flavor.Prepare": self.flavor_prepare,
+                    "Flavor.Healthy": self.flavor_healthy,
+                    "Flavor.Drain": self.flavor_drain,
+                }
+            )
+        if plugins.group is not None:
+            self.methods.update(
+                {
+                    "Group.CommitGroup": self.group_commit,
+                    "Group.FreeGroup": self.group_free,
+                    "Group.DescribeGroup": self.group_describe,
+                    "Group.DestroyGroup": self.group_destroy,
+                    "Group.InspectGroups": self.group_inspect,
+                    "Group.DestroyInstances": self.group_destroy_instances,
+                    "Group.Size": self.group_size,
+                    "Group.SetSize": self.group_set_size,
+                }
+            )
+
+    # handshake
+    def _objects(self) -> dict[str, list[str]]:
+        objects: dict[str, list[str]] = {}
+        if self.plugins.instance is not None:
+            objects[INSTANCE] = list(self.plugins.instance_types)
+        if self.plugins.flavors:
+            objects[FLAVOR] = list(self.plugins.flavors)
+        if self.plugins.group is not None:
+            objects[GROUP] = ["."]  # a single group plugin, as Infrakit's ServeSingle names it
+        return objects
+
+    def hello(self, params):
+        return {"Objects": {k: [{"Name": n, "ProxyFor": ""} for n in v] for k, v in self._objects().items()}}
+
+    def implements(self, params):
+        return {"APIs": [{"Name": k.split("/")[0], "Version": k.split("/")[1]} for k in self._objects()]}
+
+    def types(self, params):
+        return {"Types": self._objects()}
+
+    # Instance/0.6.1
+    def _type(self, params) -> str:
+        return _str(field(params, "Type"), "Type")
+
+    def instance_validate(self, params):
+        t = self._type(params)
+        self.plugins.instance.validate(t, field(params, "Properties"))
+        return {"Type": t, "OK": True}
+
+    def instance_provision(self, params):
+        t = self._type(params)
+        spec = spec_in(field(params, "Spec"))
+        return {"Type": t, "ID": self.plugins.instance.provision(t, spec)}
+
+    def instance_label(self, params):
+        t = self._type(params)
+        iid = _str(field(params, "Instance"), "Instance", required=True)
+        self.plugins.instance.label(t, iid, _str_map(field(params, "Labels"), "Labels"))
+        return {"Type": t, "OK": True}
+
+    def instance_destroy(self, params):
+        t = self._type(params)
+        iid = _str(field(params, "Instance"), "Instance", required=True)
+        reason = _str(field(_obj(field(params, "Context"), "Context"), "Reason"), "Context.Reason") or "terminate"
+        try:
+            r = DestroyReason(reason)
+        except ValueError:
+            raise InvalidArgument(f"Context.Reason: must be 'terminate' or 'rolling_update', got {reason!r}") from None
+        self.plugins.instance.destroy(t, iid, r)
+        return {"Type": t, "OK": True}
+
+    def instance_describe(self, params):
+        t = self._type(params)
+        tags = _str_map(field(params, "Tags"), "Tags")
+        props = _bool(field(params, "Properties"), "Properties")
+        descriptions = self.plugins.instance.describe_instances(t, tags, props)
+        return {"Type": t, "Descriptions": [description_out(d) for d in descriptions]}
+
+    # Flavor/0.1.1
+    def flavor_validate(self, params):
+        t = self._type(params)
+        self.plugins.flavor(t).validate(t, field(params, "Properties"), allocation_in(field(params, "Allocation")))
+        return {"Type": t, "OK": True}
+
+    def flavor_prepare(self, params):
+        t = self._type(params)
+        spec = self.plugins.flavor(t).prepare(
+            t,
+            field(params, "Properties"),
+            spec_in(field(params, "Spec")),
+            allocation_in(field(params, "Allocation")),
+            index_in(field(params, "Index")),
+        )
+        return {"Type": t, "Spec": spec_out(spec)}
+
+    def flavor_healthy(self, params):
+        t = self._type(params)
+        h = self.plugins.flavor(t).healthy(t, field(params, "Properties"), description_in(field(params, "Instance")))
+        return {"Type": t, "Health": int(Health(h))}
+
+    def flavor_drain(self, params):
+        t = self._type(params)
+        self.plugins.flavor(t).drain(t, field(params, "Properties"), description_in(field(params, "Instance")))
+        return {"Type": t, "OK": True}
+
+    # Group/0.1.1
+    def _gid(self, params) -> str:
+        return _str(field(params, "ID"), "ID", required=True)
+
+    def group_commit(self, params):
+        spec = group_spec_in(field(params, "Spec"))
+        details = self.plugins.group.commit_group(spec, _bool(field(params, "Pretend"), "Pretend"))
+        return {"ID": spec.id, "Details": details or ""}
+
+    def group_free(self, params):
+        gid = self._gid(params)
+        self.plugins.group.free_group(gid)
+        return {"ID": gid}
+
+    def group_describe(self, params):
+        gid = self._gid(params)
+        return {"ID": gid, "Description": group_description_out(self.plugins.group.describe_group(gid))}
+
+    def group_destroy(self, params):
+        gid = self._gid(params)
+        self.plugins.group.destroy_group(gid)
+        return {"ID": gid}
+
+    def group_inspect(self, params):
+        gid = _str(field(params, "ID"), "ID")
+        return {"ID": gid, "Groups": [group_spec_out(s) for s in self.plugins.group.inspect_groups()]}
+
+    def group_destroy_instances(self, params):
+        gid = self._gid(params)
+        self.plugins.group.destroy_instances(gid, _str_list(field(params, "Instances"), "Instances"))
+        return {"ID": gid}
+
+    def group_size(self, params):
+        gid = self._gid(params)
+        return {"ID": gid, "Size": int(self.plugins.group.size(gid))}
+
+    def group_set_size(self, params):
+        gid = self._gid(params)
+        size = _int(field(params, "Size"), "Size")
+        if size < 0:
+            raise InvalidArgument(f"Size: must be >= 0, got {size}")
+        self.plugins.group.set_size(gid, size)
+        return {"ID": gid}
+
+    # the envelope
+    def handle(self, body: bytes) -> dict[str, Any]:
+        """One JSON-RPC request body -> the response object (never raises)."""
+        rid: Any = None
+        try:
+            try:
+                req = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RPCError(E_PARSE, f"parse error: {e}") from None
+            if not isinstance(req, dict):
+                raise RPCError(E_INVALID_REQ, "invalid request: expected a JSON object")
+            rid = req.get("id")
+            method = req.get("method")
+            if not isinstance(method, str):
+                raise RPCError(E_INVALID_REQ, "invalid request: method must be a string")
+            params = req.get("params")
+            if isinstance(params, list) and len(params) == 1:
+                params = params[0]  # Go's net/rpc style: a one-element array holding the struct
+            if params is None:
+                params = {}
+            if not isinstance(params, dict):
+                raise RPCError(E_BAD_PARAMS, f"{method}: params must be an object")
+            handler = self.methods.get(method)
+            if handler is None:
+                raise RPCError(E_NO_METHOD, f"method not found: {method}")
+            try:
+                result = handler(params)
+            except Exception as e:
+                code, message = classify(e, method)
+                raise RPCError(E_SERVER, message) from None
+            return {"jsonrpc": "2.0", "result": result, "id": rid}
+        except RPCError as e:
+            return {"jsonrpc": "2.0", "error": {"code": e.code, "message": str(e), "data": None}, "id": rid}
+
+
+# -- the transport -----------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as Go's http.Client expects
+    server_version = "mobykit"
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit() or int(length) > MAX_BODY:
+            self._reply(411 if length is None else 413, b'{"error": "Content-Length required, at most 16 MiB"}')
+            return
+        body = self.rfile.read(int(length))
+        server: JsonRpcServer = self.server.owner  # type: ignore[attr-defined]
+        with server.inflight():
+            response = server.dispatcher.handle(body)
+        self._reply(200, json.dumps(response, separators=(",", ":")).encode() + b"\n")
+
+    def do_GET(self):  # noqa: N802
+        self._reply(405, b'{"error": "POST JSON-RPC 2.0 to /"}')
+
+    def _reply(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def address_string(self) -> str:
+        return "unix"  # AF_UNIX peers have no address; the default would index an empty string
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("jsonrpc: " + format, *args)
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True  # idle keep-alive connections must not hold the process open
+    allow_reuse_address = False
+
+
+class JsonRpcServer:
+    """Serves the Dispatcher on a unix socket (mode 0600) in a background thread."""
+
+    def __init__(self, plugins, path: str | Path):
+        from mobykit.rpc.server import clear_stale_socket, private_umask
+
+        self.path = Path(path).absolute()
+        self.dispatcher = Dispatcher(plugins)
+        self._count = 0
+        self._cond = threading.Condition()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_socket(self.path)
+        with private_umask():
+            self._http = _UnixHTTPServer(str(self.path), _Handler)
+        os.chmod(self.path, 0o600)
+        self._http.owner = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._http.serve_forever, name="jsonrpc", daemon=True)
+
+    def start(self) -> JsonRpcServer:
+        self._thread.start()
+        return self
+
+    def inflight(self):
+        server = self
+
+        class _Ctx:
+            def __enter__(self):
+                with server._cond:
+                    server._count += 1
+
+            def __exit__(self, *exc):
+                with server._cond:
+                    server._count -= 1
+                    server._cond.notify_all()
+
+        return _Ctx()
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let calls in progress finish (up to ``grace`` s), remove the socket."""
+        self._http.shutdown()
+        with self._cond:
+            self._cond.wait_for(lambda: self._count == 0, timeout=grace)
+        self._http.server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def default_socket_path(env: dict[str, str] | None = None) -> Path:
+    """Where Infrakit looks for plugins: $INFRAKIT_PLUGINS_DIR, else $INFRAKIT_HOME/plugins,
+    else ~/.infrakit/plugins; the file name is the plugin's lookup name."""
+    env = os.environ if env is None else env
+    if env.get("INFRAKIT_PLUGINS_DIR"):
+        return Path(env["INFRAKIT_PLUGINS_DIR"]) / "mobykit"
+    if env.get("INFRAKIT_HOME"):
+        return Path(env["INFRAKIT_HOME"]) / "plugins" / "mobykit"
+    return Path.home() / ".infrakit" / "plugins" / "mobykit"
