@@ -346,7 +346,12 @@ class Cache:
         for layer in layers:
             if not self.has_blob(layer.digest):
                 raise CacheMiss(f"{ref}: layer {layer.digest} is not in the cache {self.root}")
-        return ImageInfo(ref=ref, digest=top, index_digest=index_digest, config=self.read_json(cdigest), layers=layers)
+        config = self.read_json(cdigest)
+        have = config.get("architecture")
+        if index_digest is None and have and have != arch.partition("/")[0]:
+            # a single-platform image for another architecture would build an image that cannot run
+            raise ImageError(f"image is linux/{have}, not linux/{arch}", image=ref)
+        return ImageInfo(ref=ref, digest=top, index_digest=index_digest, config=config, layers=layers)
 
     def _reachable(self, digest: str, seen: set[str]) -> None:
         if digest in seen or not self.has_blob(digest):
