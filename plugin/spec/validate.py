@@ -80,10 +80,10 @@ def _explain(err, lines: dict[Path_, int] | None) -> tuple[Path_, str]:
         extra = [k for k in err.instance if k not in allowed]
         extra.sort(key=lambda k: ((lines or {}).get(path + (k,), 0), k))
         key = extra[0]
-        hint = ""
-        if "." in key or key.lower() in {a.lower() for a in allowed}:
-            close = [a for a in allowed if a.lower() == key.lower()]
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        import difflib
+
+        close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         return path + (key,), f"unknown field {key!r}{hint}"
     if v == "required":
         missing = [k for k in err.validator_value if k not in err.instance]

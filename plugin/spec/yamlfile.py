@@ -131,6 +131,22 @@ class _Converter:
         return value
 
 
+def _syntax_error(e: yaml.MarkedYAMLError, file: str) -> SpecError:
+    """PyYAML's two marks -> one line: where the construct began when that is known (an unclosed
+    quote is reported where it opens, not at the end of the file)."""
+    problem = e.problem or "invalid YAML"
+    if problem.startswith("but found another document"):
+        mark = e.problem_mark
+        return SpecError("a spec file holds one YAML document; found a second '---'", file=file,
+                         line=mark.line + 1 if mark else None)
+    if e.context and e.context_mark is not None:
+        where = e.problem_mark.line + 1 if e.problem_mark else None
+        at = f" at line {where}" if where and where != e.context_mark.line + 1 else ""
+        return SpecError(f"YAML syntax error {e.context}: {problem}{at}", file=file, line=e.context_mark.line + 1)
+    mark = e.problem_mark or e.context_mark
+    return SpecError(f"YAML syntax error: {problem}", file=file, line=mark.line + 1 if mark else None)
+
+
 def parse(text: str | bytes, file: str) -> Document:
     """Parse one spec's text. ``file`` is how errors name it (the path as the user gave it)."""
     if isinstance(text, bytes):
@@ -147,9 +163,7 @@ def parse(text: str | bytes, file: str) -> Document:
         try:
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            problem = e.problem or e.context or "invalid YAML"
-            raise SpecError(f"YAML syntax error: {problem}", file=file, line=mark.line + 1 if mark else None) from None
+            raise _syntax_error(e, file) from None
         except yaml.YAMLError as e:
             raise SpecError(f"YAML syntax error: {e}", file=file) from None
         except RecursionError:
