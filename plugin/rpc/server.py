@@ -43,6 +43,7 @@ def rpc(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        log.debug("call %s.%s", type(self).__name__, name)
         try:
             return method(self, request, context)
         except Unimplemented as e:
@@ -332,6 +333,11 @@ def make_server(
 ) -> tuple[grpc.Server, list[str]]:
     """A started gRPC server on every address; returns it and the bound addresses (a tcp port of 0
     is replaced by the one the kernel chose). TCP without TLS needs ``insecure=True``."""
+    for listen in listens:  # checked before anything is bound, so a refusal leaves nothing behind
+        if listen.kind == "tcp" and tls is None and not insecure:
+            raise InvalidArgument(
+                f"--listen {listen}: TCP needs --tls-cert, --tls-key and --tls-client-ca (or --insecure)"
+            )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"))
     pbg.add_InstanceServicer_to_server(InstanceService(plugins), server)
     pbg.add_FlavorServicer_to_server(FlavorService(plugins), server)
@@ -364,12 +370,8 @@ def make_server(
                 continue
             if creds is not None:
                 port = _add_port(server.add_secure_port, listen, creds)
-            elif insecure:
-                port = _add_port(server.add_insecure_port, listen)
             else:
-                raise InvalidArgument(
-                    f"--listen {listen}: TCP needs --tls-cert, --tls-key and --tls-client-ca (or --insecure)"
-                )
+                port = _add_port(server.add_insecure_port, listen)
             host = listen.target.rpartition(":")[0]
             bound.append(f"tcp://{host}:{port}")
         server.start()
