@@ -1,0 +1,129 @@
+"""How the moby flavor decides an instance is healthy: its console, its provider state, a port.
+
+Our init prints ``mobykit: ready sha256:<image id>`` on the serial console when every onboot step
+succeeded and services started, and ``mobykit: not ready`` when one failed. The console is the one
+channel every provider has (libvirt's console file, EC2 GetConsoleOutput, GCE serial port), so the
+flavor reads it through the provider rather than reaching into the guest.
+
+Which provider holds an instance: a Healthy request carries only the instance Description, not the
+instance plugin's name. ``ProviderProbe`` therefore takes a resolver from provider name to provider
+(``InstanceCore.provider``, injected by the server so the flavor shares the core's connections) and
+asks the configured providers in turn, remembering which one answered for each id.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from mobykit.errors import InvalidArgument, MobykitError, NotFound
+
+READY = "mobykit: ready"
+# "not ready" is what our init says when a step failed; "init failed" is its wording for a crash
+# before the step list (also what the memory provider prints for an injected boot failure).
+NOT_READY = ("mobykit: not ready", "mobykit: init failed")
+
+
+class InstanceProbe(Protocol):
+    """What the flavor needs from wherever the instance runs."""
+
+    def console_output(self, instance_id: str) -> str:
+        """The console so far; NotFound when the instance is gone."""
+
+    def state(self, instance_id: str) -> str | None:
+        """The provider's state (``mobykit.providers.base.STATES``), None when it is gone."""
+
+
+def console_verdict(text: str, image_id: str | None) -> bool | None:
+    """True when the last readiness line says ready (for ``image_id`` when known), False when it
+    says not ready, None when there is none yet. The last line wins, so a guest can withdraw."""
+    last: bool | None = None
+    for line in text.splitlines():
+        line = line.strip().replace("\x00", "")
+        if any(bad in line for bad in NOT_READY):
+            last = False
+            continue
+        at = line.find(READY)
+        if at < 0:
+            continue
+        said = line[at + len(READY):].strip().split()
+        if image_id and said and said[0] != image_id:
+            continue  # a ready line from another image (e.g. before a rolling update) does not count
+        last = True
+    return last
+
+
+def tcp_open(port: int, timeout: float = 2.0) -> bool:
+    """A TCP connection to 127.0.0.1:``port`` is accepted and not reset at once (user-mode
+    networking accepts on the host side even when the guest refuses, then closes)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.settimeout(0.2)
+            try:
+                data = s.recv(1, socket.MSG_PEEK)
+            except TimeoutError:
+                return True  # open and quiet: a server waiting for us to speak
+            return data != b""  # b"" means the far side closed: nothing listens in the guest
+    except OSError:
+        return False
+
+
+def http_ok(port: int, path: str = "/", timeout: float = 3.0) -> bool:
+    """GET http://127.0.0.1:``port````path`` answers 2xx or 3xx."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": "mobykit-health"})
+        return 200 <= conn.getresponse().status < 400
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+class ProviderProbe:
+    """An InstanceProbe over named providers (``resolve(name) -> Provider``), tried in ``names`` order."""
+
+    def __init__(self, resolve: Callable[[str], Any], names: Sequence[str]):
+        self.resolve = resolve
+        self.names = list(dict.fromkeys(names))
+        self._where: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _providers(self, instance_id: str):
+        with self._lock:
+            first = self._where.get(instance_id)
+        order = ([first] if first else []) + [n for n in self.names if n != first]
+        for name in order:
+            try:
+                yield name, self.resolve(name)
+            except (MobykitError, ImportError):
+                continue  # not available on this server
+
+    def console_output(self, instance_id: str) -> str:
+        for name, provider in self._providers(instance_id):
+            try:
+                text = provider.console_output(instance_id)
+            except NotFound:
+                continue
+            except InvalidArgument:
+                continue  # an id this provider cannot even parse
+            with self._lock:
+                self._where[instance_id] = name
+            return text
+        raise NotFound(f"instance {instance_id!r} not found on {', '.join(self.names)}")
+
+    def state(self, instance_id: str) -> str | None:
+        for name, provider in self._providers(instance_id):
+            try:
+                machines = provider.list({})
+            except MobykitError:
+                continue
+            for m in machines:
+                if m.id == instance_id:
+                    with self._lock:
+                        self._where[instance_id] = name
+                    return m.state
+        return None

@@ -1,0 +1,285 @@
+"""The ``moby`` flavor: instances boot an image built from a LinuxKit-style spec, healthy once it says so.
+
+Properties::
+
+    Image:  "path/spec.yml" | ["a.yml", "b.yml"] | {inline spec}     (required)
+    Init:   [lines]            appended after the instance spec's own Init, joined with newlines
+    Tags:   {k: v}             merged into the instance tags
+    Health: {Mode: console|running|tcp|http, Port: N, Path: "/", Deadline: "300s"}
+    Drain:  {Command: "sh cmd" | [argv], Grace: "10s"}
+
+Prepare builds the image on demand (``mobykit.image.store.build_and_store``, which skips the build
+when the spec's inputs are unchanged) and writes the id into the instance properties
+(``Image: sha256:...``) and into the tag ``mobykit.image``. Why both: the instance core boots by the
+property, while Infrakit's config hash covers only the group spec, so the tag is what lets a user and
+the group controller see which image each instance runs after a spec's contents change.
+
+Healthy (``mobykit.flavor.health``): UNKNOWN until the console shows ``mobykit: ready <image id>``
+(and, for tcp/http, a probe of 127.0.0.1:Port passes); HEALTHY from then on; UNHEALTHY when the
+console says ``mobykit: not ready``, the instance is gone, or Deadline passes (measured from the
+instance's creation time: Description properties ``CreatedNs``/``Created``, else the time encoded
+in a libvirt instance id, else when this flavor first saw it). Mode ``running`` asks the provider
+for its state instead of reading the console (for drivers without a console, e.g. test:///default).
+
+How the flavor reaches the console: constructor injection. ``instances`` is either an object with
+``provider(name)`` (the server passes its InstanceCore, so connections are shared) or an
+``InstanceProbe`` itself (tests); when absent an InstanceCore is made from ``config``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
+from mobykit.flavor import health as probes
+from mobykit.flavor.properties import duration, fields, join_init, string_list, string_map
+from mobykit.providers.base import BootImage
+from mobykit.spi.types import Allocation, Description, Health, Index, Spec
+
+KEYS = ("Image", "Init", "Tags", "Health", "Drain")
+HEALTH_KEYS = ("Mode", "Port", "Path", "Deadline")
+DRAIN_KEYS = ("Command", "Grace")
+MODES = ("console", "running", "tcp", "http")
+IMAGE_TAG = "mobykit.image"
+DEFAULT_DEADLINE = 300.0
+DRAIN_TIMEOUT = 60.0  # a drain command that hangs must not hang the group controller forever
+
+
+@dataclass
+class HealthCheck:
+    mode: str = "console"
+    port: int | None = None
+    path: str = "/"
+    deadline: float = DEFAULT_DEADLINE
+
+
+@dataclass
+class DrainStep:
+    command: list[str] | None = None
+    grace: float = 0.0
+
+
+@dataclass
+class MobyProperties:
+    image: Any
+    init: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    health: HealthCheck = field(default_factory=HealthCheck)
+    drain: DrainStep = field(default_factory=DrainStep)
+
+
+def parse(properties: Any) -> MobyProperties:
+    """Check and read the flavor properties; InvalidArgument names the bad field."""
+    props = fields(properties, KEYS, "Properties")
+    image = props.get("Image")
+    if image is None or image == "" or image == [] or image == {}:
+        raise InvalidArgument("Properties.Image: required: a spec file path, a list of paths, or an inline spec")
+    if isinstance(image, str):
+        paths = [image]
+    elif isinstance(image, list):
+        if not all(isinstance(p, str) and p for p in image):
+            raise InvalidArgument("Properties.Image: a list must hold spec file paths")
+        paths = image
+    elif isinstance(image, dict):
+        paths = []
+    else:
+        raise InvalidArgument("Properties.Image: expected a spec path, a list of paths, or an inline spec object")
+    for p in paths:
+        if not Path(p).is_file():
+            raise InvalidArgument(f"Properties.Image: {p}: no such spec file")
+
+    h = fields(props.get("Health"), HEALTH_KEYS, "Properties.Health")
+    mode = h.get("Mode", "console")
+    if mode not in MODES:
+        raise InvalidArgument(f"Properties.Health.Mode: {mode!r} is not one of {', '.join(MODES)}")
+    port = h.get("Port")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
+        raise InvalidArgument(f"Properties.Health.Port: {port!r} is not a port number")
+    if mode in ("tcp", "http") and port is None:
+        raise InvalidArgument(f"Properties.Health.Port: required for Mode {mode} (the published port on 127.0.0.1)")
+    path = h.get("Path", "/")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise InvalidArgument(f"Properties.Health.Path: {path!r} must start with /")
+    check = HealthCheck(mode=mode, port=port, path=path,
+                        deadline=duration(h.get("Deadline"), "Properties.Health.Deadline", DEFAULT_DEADLINE))
+
+    d = fields(props.get("Drain"), DRAIN_KEYS, "Properties.Drain")
+    command = d.get("Command")
+    if isinstance(command, str):
+        argv = ["/bin/sh", "-c", command] if command.strip() else None
+    elif command is None:
+        argv = None
+    else:
+        argv = string_list(command, "Properties.Drain.Command") or None
+    drain = DrainStep(command=argv, grace=duration(d.get("Grace"), "Properties.Drain.Grace", 0.0))
+
+    return MobyProperties(
+        image=image,
+        init=string_list(props.get("Init"), "Properties.Init"),
+        tags=string_map(props.get("Tags"), "Properties.Tags"),
+        health=check,
+        drain=drain,
+    )
+
+
+class MobyFlavor:
+    """Implements ``mobykit.spi.flavor.FlavorPlugin`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        *,
+        instances: Any = None,
+        build: Callable[[Any], BootImage] | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.config = dict(config or {})
+        self._instances = instances
+        self._probe: probes.InstanceProbe | None = None
+        self._build = build or self._build_with_store
+        self.clock, self.sleep = clock, sleep
+        self._lock = threading.Lock()
+        self._first_seen: dict[str, float] = {}
+        self._passed: set[tuple[str, str]] = set()
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def _build_with_store(self, image: Any) -> BootImage:
+        from mobykit.image import store
+
+        cache = None
+        if self.config.get("cache"):
+            from mobykit.image.cache import Cache
+
+            cache = Cache(self.config["cache"])
+        return store.build_and_store(image, cache=cache)
+
+    def probe(self) -> probes.InstanceProbe:
+        with self._lock:
+            if self._probe is None:
+                inst = self._instances
+                if inst is not None and hasattr(inst, "console_output") and hasattr(inst, "state"):
+                    self._probe = inst
+                else:
+                    if inst is None:
+                        from mobykit.core.instance import InstanceCore
+
+                        inst = InstanceCore(self.config)
+                    names = [self.config.get("default_provider") or "libvirt"]
+                    names += sorted((self.config.get("providers") or {}).keys())
+                    self._probe = probes.ProviderProbe(inst.provider, names)
+            return self._probe
+
+    # -- the SPI --------------------------------------------------------------------------------
+
+    def validate(self, type: str, properties: Any, allocation: Allocation) -> None:
+        parse(properties)
+
+    def prepare(self, type: str, properties: Any, spec: Spec, allocation: Allocation, index: Index) -> Spec:
+        props = parse(properties)
+        if spec.properties is not None and not isinstance(spec.properties, dict):
+            raise InvalidArgument("Instance.Properties: must be an object for the moby flavor to set Image")
+        image = self._build(props.image)
+        out = copy.deepcopy(spec)
+        out.properties = {**(spec.properties or {}), "Image": image.id}
+        out.tags = {**(spec.tags or {}), **props.tags, IMAGE_TAG: image.id}
+        out.init = join_init(spec.init or "", props.init)
+        return out
+
+    def healthy(self, type: str, properties: Any, instance: Description) -> Health:
+        check = parse(properties).health
+        iid = instance.id
+        image_id = (instance.tags or {}).get(IMAGE_TAG) or _prop(instance, "Image")
+        if check.mode == "running":
+            state = self.probe().state(iid)
+            if state == "running":
+                return Health.HEALTHY
+            if state in (None, "stopping", "stopped", "terminated"):
+                return Health.UNHEALTHY
+            return self._before_deadline(instance, check)
+        try:
+            text = self.probe().console_output(iid)
+        except NotFound:
+            return Health.UNHEALTHY
+        verdict = probes.console_verdict(text, image_id)
+        if verdict is False:
+            return Health.UNHEALTHY
+        if verdict is True:
+            if check.mode == "console":
+                return Health.HEALTHY
+            key = (iid, f"{check.mode}:{check.port}{check.path}")
+            with self._lock:
+                passed = key in self._passed
+            if passed or self._port_ok(check):
+                with self._lock:
+                    self._passed.add(key)
+                return Health.HEALTHY
+        return self._before_deadline(instance, check)
+
+    def drain(self, type: str, properties: Any, instance: Description) -> None:
+        step = parse(properties).drain
+        if step.command:
+            env = dict(os.environ, MOBYKIT_INSTANCE_ID=instance.id,
+                       MOBYKIT_INSTANCE_TAGS=json.dumps(instance.tags or {}, sort_keys=True),
+                       MOBYKIT_INSTANCE_LOGICAL_ID=instance.logical_id or "")
+            try:
+                r = subprocess.run(step.command, env=env, capture_output=True, text=True, timeout=DRAIN_TIMEOUT,
+                                   stdin=subprocess.DEVNULL, check=False)
+            except subprocess.TimeoutExpired:
+                raise FailedPrecondition(
+                    f"Drain.Command for {instance.id}: still running after {DRAIN_TIMEOUT:.0f}s") from None
+            except OSError as e:
+                raise FailedPrecondition(f"Drain.Command for {instance.id}: cannot run {step.command[0]}: {e}") from None
+            if r.returncode != 0:
+                tail = (r.stderr or r.stdout).strip()[-300:]
+                raise FailedPrecondition(f"Drain.Command for {instance.id}: exit status {r.returncode}: {tail}")
+        if step.grace > 0:
+            self.sleep(step.grace)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _port_ok(self, check: HealthCheck) -> bool:
+        assert check.port is not None
+        if check.mode == "tcp":
+            return probes.tcp_open(check.port)
+        return probes.http_ok(check.port, check.path)
+
+    def _created(self, instance: Description) -> float:
+        """Seconds since the epoch when the instance was made (see the module docstring)."""
+        ns = _prop(instance, "CreatedNs")
+        if isinstance(ns, int) and not isinstance(ns, bool):
+            return ns / 1e9
+        stamp = _prop(instance, "Created")
+        if isinstance(stamp, str):
+            try:
+                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                pass
+        from mobykit.providers.libvirt import created_ns
+
+        ns = created_ns(instance.id)
+        if ns is not None:
+            return ns / 1e9
+        with self._lock:
+            return self._first_seen.setdefault(instance.id, self.clock())
+
+    def _before_deadline(self, instance: Description, check: HealthCheck) -> Health:
+        if self.clock() - self._created(instance) > check.deadline:
+            return Health.UNHEALTHY
+        return Health.UNKNOWN
+
+
+def _prop(instance: Description, key: str) -> Any:
+    props = instance.properties
+    return props.get(key) if isinstance(props, dict) else None
