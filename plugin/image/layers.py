@@ -246,10 +246,12 @@ class _Prefixed:
 # -- applying one uncompressed tar to the tree
 
 
-def _norm(name: str, where: _Where) -> str:
+def _norm(name: str, where: _Where, entry: str | None = None) -> str:
+    """``entry``: the member being checked, when ``name`` is its link target."""
     parts = [p for p in name.split("/") if p and p != "."]
     if ".." in parts:
-        raise where.error("path escapes the root ('..' component)", path=name)
+        what = f"link target {name!r}" if entry is not None else "path"
+        raise where.error(f"{what} escapes the root ('..' component)", path=entry or name)
     path = "/".join(parts)
     if len(path.encode("utf-8", "surrogateescape")) > where.limits.max_path:
         raise where.error(f"path longer than {where.limits.max_path} bytes", path=name[:200] + "...")
@@ -327,6 +329,8 @@ def apply_tar(tree: Tree, source: Path, where: _Where, start: int = 0, end: int 
             continue
         path = _norm(info.name, where)
         parent = path.rpartition("/")[0]
+        if _hidden(parent):
+            continue
         if base == OPAQUE:
             if parent:
                 for child in tree.children(parent):
@@ -342,10 +346,15 @@ def apply_tar(tree: Tree, source: Path, where: _Where, start: int = 0, end: int 
                 raise where.error("whiteout names no file", path=info.name)
             tree.remove(f"{parent}/{target}" if parent else target)
     for info in members:
-        base = info.name.rstrip("/").rpartition("/")[2]
-        if base.startswith(WHITEOUT):
+        if _hidden(info.name):
             continue
         _add_member(tree, info, source, where)
+
+
+def _hidden(name: str) -> bool:
+    """Whiteout markers, and anything inside a ``.wh.*`` directory (aufs's ``.wh..wh.plnk``),
+    are never entries of the image."""
+    return any(part.startswith(WHITEOUT) for part in name.split("/"))
 
 
 def _add_member(tree: Tree, info: tarfile.TarInfo, source: Path, where: _Where) -> None:
@@ -366,7 +375,7 @@ def _add_member(tree: Tree, info: tarfile.TarInfo, source: Path, where: _Where) 
     _check_parents(tree, path, where, name)
     entry = entry_from_tarinfo(info, path, source)
     if kind == "hardlink":
-        target = _norm(info.linkname, where)
+        target = _norm(info.linkname, where, entry=name)
         existing = tree.get(target) if target else None
         if existing is None:
             raise where.error(f"hard link to {info.linkname!r}, which is not in the tree (yet)", path=name)
