@@ -21,7 +21,6 @@ from mobykit.errors import CacheMiss, RegistryError
 from mobykit.image.cache import Cache
 from mobykit.image.registry import Registry, ensure
 
-pytestmark = pytest.mark.slow
 MAIN = Path(__file__).resolve().parents[1]
 
 
@@ -51,6 +50,7 @@ def push_image(reg, tmp_path, dest: str, layers=None, **kw) -> dict:
     return d
 
 
+@pytest.mark.slow
 def test_private_pull_with_credentials_from_docker_config(local_registry, tmp_path, monkeypatch):  # noqa: F811
     reg = local_registry
     d = push_image(reg, tmp_path, "private/app:1")
@@ -65,6 +65,7 @@ def test_private_pull_with_credentials_from_docker_config(local_registry, tmp_pa
     assert ("alice", ["repository:private/app:pull"]) in reg.tokens.requests[seen:]
 
 
+@pytest.mark.slow
 def test_anonymous_token_flow_for_public_repo(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     d = push_image(reg, tmp_path, "public/tool:1")
@@ -74,6 +75,7 @@ def test_anonymous_token_flow_for_public_repo(local_registry, tmp_path):  # noqa
     assert reg.tokens.requests[seen:] == [(None, ["repository:public/tool:pull"])]  # one token, reused for blobs
 
 
+@pytest.mark.slow
 def test_private_repo_without_credentials_is_unauthorized(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     push_image(reg, tmp_path, "private/secret:1")
@@ -83,6 +85,7 @@ def test_private_repo_without_credentials_is_unauthorized(local_registry, tmp_pa
     assert cache.images() == []
 
 
+@pytest.mark.slow
 def test_wrong_password_is_reported_with_the_config_file(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     push_image(reg, tmp_path, "private/pw:1")
@@ -92,6 +95,7 @@ def test_wrong_password_is_reported_with_the_config_file(local_registry, tmp_pat
     assert "'alice'" in str(e.value) and str(cfg) in str(e.value)
 
 
+@pytest.mark.slow
 def test_manifest_list_resolves_to_the_requested_arch(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     lay = tmp_path / "multi"
@@ -115,6 +119,7 @@ def test_manifest_list_resolves_to_the_requested_arch(local_registry, tmp_path):
         Registry(cache).pull(f"{reg.host}/public/multi:1", "s390x")
 
 
+@pytest.mark.slow
 def test_docker_schema2_media_types(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     lay = tmp_path / "v2"
@@ -125,6 +130,7 @@ def test_docker_schema2_media_types(local_registry, tmp_path):  # noqa: F811
     assert [layer.media_type for layer in info.layers] == ["application/vnd.docker.image.rootfs.diff.tar.gzip"]
 
 
+@pytest.mark.slow
 def test_pull_by_digest(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     d = push_image(reg, tmp_path, "public/bydigest:1")
@@ -134,6 +140,7 @@ def test_pull_by_digest(local_registry, tmp_path):  # noqa: F811
     assert (ref, d["digest"]) == cache.images()[0][:2]
 
 
+@pytest.mark.slow
 def test_tampered_blob_in_registry_is_refused(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     layer = unique_layer("tamper")
@@ -151,6 +158,7 @@ def test_tampered_blob_in_registry_is_refused(local_registry, tmp_path):  # noqa
     assert not cache.has_blob(digest) and cache.images() == []
 
 
+@pytest.mark.slow
 def test_cached_build_makes_no_network_call(fresh_registry, tmp_path):  # noqa: F811
     reg = fresh_registry
     d = push_image(reg, tmp_path, "public/offline:1")
@@ -167,6 +175,7 @@ def test_cached_build_makes_no_network_call(fresh_registry, tmp_path):  # noqa: 
         ensure(cache, ref, "amd64", pull=True, registry=Registry(cache, retries=0))
 
 
+@pytest.mark.slow
 def test_pull_true_refreshes_a_moved_tag(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     first = push_image(reg, tmp_path, "public/moving:latest")
@@ -182,6 +191,7 @@ def test_pull_true_refreshes_a_moved_tag(local_registry, tmp_path):  # noqa: F81
     assert ensure(cache, ref, "amd64").digest == second["digest"]
 
 
+@pytest.mark.slow
 def test_plain_http_token_realm_on_a_non_loopback_host_is_refused(tmp_path):
     # 192.0.2.1 is TEST-NET-1: never routed. The refusal must come before any connection attempt.
     with registry_with_auth(realm="http://192.0.2.1/token") as (reg, _tokens):
@@ -203,6 +213,21 @@ def test_scheme_choice():
         r.check_url("http://example.com/v2/", "test")
 
 
+def test_docker_config_credentials(tmp_path, monkeypatch):
+    from mobykit.image.registry import load_credentials
+
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker_config(tmp_path, "reg.example:5000")))
+    creds = load_credentials()
+    assert creds["reg.example:5000"] == ("alice", "secret")
+    assert creds["docker.io"] == ("hub", "hub")  # https://index.docker.io/v1/ is the Hub
+    assert Registry(Cache(tmp_path / "c"))._credentials("registry-1.docker.io") == ("hub", "hub")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"auths": {"h": {"auth": "not base64!"}}}')
+    with pytest.raises(RegistryError, match=r"bad.json: auths.h.auth"):
+        load_credentials(bad)
+
+
+@pytest.mark.slow
 def test_cli_pull_then_ls(local_registry, tmp_path):  # noqa: F811
     reg = local_registry
     d = push_image(reg, tmp_path, "public/cli:1")
@@ -216,6 +241,7 @@ def test_cli_pull_then_ls(local_registry, tmp_path):  # noqa: F811
     assert r.stdout.split("\t")[:2] == [f"{reg.host}/public/cli:1", d["digest"]]
 
 
+@pytest.mark.slow
 def test_busybox_image_roundtrip(local_registry, tmp_path):  # noqa: F811
     """A realistic image (busybox-static, 2 MB layer) survives push and pull byte for byte."""
     from harness.registry import busybox_layer
