@@ -205,3 +205,19 @@ def test_cli_import_and_ls(tmp_path, layout):
     bad = _cli("import", str(tmp_path / "nope.tar"), cache=cache)
     assert bad.returncode != 0 and "nope.tar" in bad.stderr and "Traceback" not in bad.stderr
 
+
+
+def test_docker_save_without_repotags_uses_repositories_file(tmp_path, layout):
+    lay, _ = layout
+    archive = tmp_path / "save.tar"
+    skopeo(f"oci:{lay}:v1", f"docker-archive:{archive}:example.com/old/style:7", home=tmp_path)
+    with tarfile.open(archive) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isreg() else None) for m in tf.getmembers()]
+    manifest = json.loads(next(d for m, d in members if m.name == "manifest.json"))
+    manifest[0]["RepoTags"] = None
+    legacy = tmp_path / "legacy.tar"
+    legacy.write_bytes(tar_of([(m, json.dumps(manifest).encode() if m.name == "manifest.json" else d) for m, d in members]))
+    cache = Cache(tmp_path / "cache")
+    [(ref, digest)] = import_path(cache, legacy)
+    assert ref == "example.com/old/style:7"
+    assert cache.resolve(ref, "amd64").digest == digest

@@ -71,6 +71,10 @@ class _Source:
         except (ValueError, UnicodeDecodeError) as e:
             raise ImageError(f"{rel}: not valid JSON: {e}", image=self.label) from None
 
+    def identity(self, rel: str, what: str) -> str:
+        """What ``rel`` finally names after following links (to compare two entries)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -95,6 +99,9 @@ class _DirSource(_Source):
         if not p.is_file():
             raise ImageError(f"{what}: {rel} is missing or not a regular file", image=self.label)
         return open(p, "rb"), p.stat().st_size
+
+    def identity(self, rel: str, what: str) -> str:
+        return str(self._resolve(rel, what))
 
 
 class _TarSource(_Source):
@@ -140,6 +147,9 @@ class _TarSource(_Source):
         f = self.tf.extractfile(m)
         assert f is not None  # regular member
         return f, m.size
+
+    def identity(self, rel: str, what: str) -> str:
+        return self._member(rel, what).name
 
     def close(self) -> None:
         self.tf.close()
@@ -239,6 +249,23 @@ class _Importer:
             out.append((ref, desc["digest"]))
         return out
 
+    def _legacy_tags(self, layers: list, what: str) -> list[str]:
+        """Tags from the legacy ``repositories`` file ({repo: {tag: top layer id}}), used only when
+        manifest.json has no RepoTags: the id names the directory whose layer.tar is the top layer."""
+        if not layers or not self.src.exists("repositories"):
+            return []
+        repos = self.src.read_json("repositories", "repositories")
+        if not isinstance(repos, dict):
+            raise ImageError("repositories: must be an object", image=self.src.label)
+        top = self.src.identity(layers[-1], f"{what}: Layers[{len(layers) - 1}]")
+        out = []
+        for repo, tags in sorted(repos.items()):
+            for tag, layer_id in sorted((tags or {}).items()):
+                rel = f"{layer_id}/layer.tar"
+                if isinstance(layer_id, str) and self.src.exists(rel) and self.src.identity(rel, "repositories") == top:
+                    out.append(str(refmod.parse(f"{repo}:{tag}")))
+        return out
+
     def docker_save(self) -> list[tuple[str | None, str]]:
         manifest = self.src.read_json("manifest.json", "manifest.json")
         if not isinstance(manifest, list):
@@ -252,7 +279,9 @@ class _Importer:
             tags = entry.get("RepoTags") or []
             if not isinstance(layers, list) or not isinstance(tags, list):
                 raise ImageError(f"{what}: Layers and RepoTags must be lists", image=self.src.label)
-            refs = [str(refmod.parse(t)) for t in tags] or ([str(refmod.parse(self.name))] if self.name else [])
+            refs = [str(refmod.parse(t)) for t in tags] or self._legacy_tags(layers, what)
+            if not refs and self.name:
+                refs = [str(refmod.parse(self.name))]
             cfg_rel = _safe_rel(entry["Config"], self.src.label, f"{what}: Config")
             stem = posixpath.basename(cfg_rel).removesuffix(".json")
             expected = f"sha256:{stem}" if _HEX64.match(stem) else None
