@@ -208,3 +208,15 @@ def test_load_does_not_touch_the_spec_directory(tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     load([tmp_path / "s.yml"])
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_unquoted_octal_mode_gets_a_hint():
+    with pytest.raises(SpecError) as info:
+        loads("files:\n  - path: etc/a\n    contents: a\n    mode: 0644\n", "x.yml")
+    assert str(info.value) == "x.yml:4: files[0].mode: expected a string, got a number (put it in quotes)"
+
+
+def test_leading_directories_get_linuxkit_modes():
+    spec = loads("files:\n  - path: a/b/c\n    contents: x\n    mode: '0640'\n  - path: d/e\n    contents: y\n", "x.yml")
+    assert spec.files[0].parent_dir_mode == 0o750
+    assert spec.files[1].parent_dir_mode == 0o700

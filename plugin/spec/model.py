@@ -113,6 +113,16 @@ class FileEntry:
     def effective_mode(self) -> int:
         return self.mode if self.mode is not None else self.default_mode
 
+    @property
+    def parent_dir_mode(self) -> int:
+        """Mode LinuxKit gives leading directories it creates for this entry (owned by the same
+        uid/gid): the entry's mode with the search bit added wherever a class has any access."""
+        m = self.effective_mode
+        for access, search in ((0o700, 0o100), (0o070, 0o010), (0o007, 0o001)):
+            if m & access:
+                m |= search
+        return m
+
     def to_dict(self) -> dict[str, Any]:
         """As LinuxKit would write it back (metadata output and canonical form)."""
         d: dict[str, Any] = {"path": self.path}

@@ -91,7 +91,11 @@ def _explain(err, lines: dict[Path_, int] | None) -> tuple[Path_, str]:
     if v == "type":
         want = err.validator_value
         want = " or ".join(_TYPE_WORDS.get(w, w) for w in (want if isinstance(want, list) else [want]))
-        return path, f"expected {want}, got {_kind(err.instance)}"
+        hint = ""
+        if err.validator_value == "string" and isinstance(err.instance, (int, float, bool)):
+            # YAML reads 0644 as the number 420 and yes as true; quoting keeps the text.
+            hint = " (put it in quotes)"
+        return path, f"expected {want}, got {_kind(err.instance)}{hint}"
     if v == "anyOf":
         if path and path[-1] == "init" or path == ("init",):
             return path, f"expected a list of image references, got {_kind(err.instance)}"
