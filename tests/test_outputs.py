@@ -1,0 +1,114 @@
+"""Output formats over the canonical tar: tar, and kernel+initrd as LinuxKit splits it."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+from mobykit.errors import BuildError
+from mobykit.image.outputs import FORMATS, OutputContext
+from mobykit.image.tree import Entry, Tree, write_tar
+
+MTIME = 1_650_000_000
+
+
+def _canonical(tmp_path, *, ucode: bool = False, kernel: bool = True) -> tuple[Path, str]:
+    tree = Tree()
+    if kernel:
+        tree.add_bytes("boot/kernel", b"bzImage" * 1000)
+    tree.add_bytes("boot/cmdline", b"console=ttyS0 quiet")
+    tree.add_bytes("boot/extra", b"left out of the initrd")
+    if ucode:
+        tree.add_bytes("boot/ucode.cpio", b"070701" + b"0" * 106 + b"UCODE...")  # 120 bytes, 4-aligned
+    tree.add_bytes("init", b"#!/bin/sh\n", mode=0o755)
+    tree.add_bytes("bin/busybox", os.urandom(300_000), mode=0o755)
+    tree.add(Entry("bin/sh", "hardlink", 0, linkname="bin/busybox"))
+    tree.add_symlink("sbin", "bin")
+    tree.add_dir("containers/onboot/000-x/rootfs")
+    tar = tmp_path / "canonical.tar"
+    with open(tar, "wb") as out:
+        digest = write_tar(tree, out, MTIME)
+    return tar, f"sha256:{digest}"
+
+
+def _ctx(tmp_path, tar, image_id, name="moby") -> OutputContext:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return OutputContext(name=name, outdir=out, tar_path=tar, image_id=image_id, mtime=MTIME)
+
+
+def test_kernel_initrd_splits_the_tree_as_linuxkit_does(tmp_path):
+    tar, image_id = _canonical(tmp_path)
+    ctx = _ctx(tmp_path, tar, image_id)
+    paths = FORMATS["kernel+initrd"](ctx)
+    assert sorted(p.name for p in paths) == ["moby-cmdline", "moby-initrd.img", "moby-kernel"]
+    assert sorted(os.listdir(ctx.outdir)) == ["moby-cmdline", "moby-initrd.img", "moby-kernel"]  # no temp left
+    assert (ctx.outdir / "moby-kernel").read_bytes() == b"bzImage" * 1000
+    assert (ctx.outdir / "moby-cmdline").read_bytes() == b"console=ttyS0 quiet"
+    initrd = ctx.outdir / "moby-initrd.img"
+    subprocess.run(["gzip", "-t", str(initrd)], check=True)
+    raw = initrd.read_bytes()
+    assert raw[:4] == b"\x1f\x8b\x08\x00" and raw[4:8] == b"\0\0\0\0"  # gzip: no name, mtime 0
+    cpio = gzip.decompress(raw)
+    names = subprocess.run(["cpio", "-it", "--quiet"], input=cpio, capture_output=True, check=True).stdout.decode().split()
+    assert names == ["bin", "bin/busybox", "bin/sh", "containers", "containers/onboot", "containers/onboot/000-x",
+                     "containers/onboot/000-x/rootfs", "init", "sbin"]  # nothing from boot/
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=cpio, cwd=dest, check=True)
+    assert os.stat(dest / "bin/sh").st_ino == os.stat(dest / "bin/busybox").st_ino
+    assert (dest / "init").stat().st_mode & 0o777 == 0o755
+
+
+def test_kernel_initrd_is_reproducible_and_ucode_goes_first_uncompressed(tmp_path):
+    tar, image_id = _canonical(tmp_path, ucode=True)
+    first = FORMATS["kernel+initrd"](_ctx(tmp_path, tar, image_id))
+    one = {p.name: p.read_bytes() for p in first}
+    (tmp_path / "out").rename(tmp_path / "out1")
+    second = FORMATS["kernel+initrd"](_ctx(tmp_path, tar, image_id))
+    assert {p.name: p.read_bytes() for p in second} == one
+    initrd = one["moby-initrd.img"]
+    assert initrd.startswith(b"070701" + b"0" * 106 + b"UCODE...")
+    rest = initrd[120:]
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    cpio = d.decompress(rest)
+    assert d.eof and d.unused_data == b"" and cpio.endswith(b"TRAILER!!!\0\0\0\0")
+
+
+def test_hard_link_group_spanning_boot_keeps_its_content(tmp_path):
+    tree = Tree()
+    tree.add_bytes("boot/kernel", b"k")
+    tree.add_bytes("usr/lib/firmware.bin", b"FW")
+    tree.add(Entry("boot/firmware.bin", "hardlink", 0, linkname="usr/lib/firmware.bin"))  # sorts first: holds the data
+    tar = tmp_path / "c.tar"
+    with open(tar, "wb") as out:
+        image_id = "sha256:" + write_tar(tree, out, MTIME)
+    ctx = _ctx(tmp_path, tar, image_id)
+    FORMATS["kernel+initrd"](ctx)
+    dest = tmp_path / "x"
+    dest.mkdir()
+    cpio = gzip.decompress((ctx.outdir / "moby-initrd.img").read_bytes())
+    subprocess.run(["cpio", "-idm", "--quiet"], input=cpio, cwd=dest, check=True)
+    assert (dest / "usr/lib/firmware.bin").read_bytes() == b"FW"
+
+
+def test_missing_kernel_is_a_build_error_naming_the_tar(tmp_path):
+    tar, image_id = _canonical(tmp_path, kernel=False)
+    ctx = _ctx(tmp_path, tar, image_id)
+    with pytest.raises(BuildError, match=f"{tar}: no boot/kernel"):
+        FORMATS["kernel+initrd"](ctx)
+    assert os.listdir(ctx.outdir) == []
+
+
+def test_tar_output_is_the_canonical_tar(tmp_path):
+    tar, image_id = _canonical(tmp_path)
+    ctx = _ctx(tmp_path, tar, image_id)
+    assert FORMATS["tar"](ctx) == [ctx.outdir / "moby.tar"]
+    assert (ctx.outdir / "moby.tar").read_bytes() == tar.read_bytes()
+    assert os.listdir(ctx.outdir) == ["moby.tar"]
+    # building again over an existing output replaces it
+    assert FORMATS["tar"](ctx) == [ctx.outdir / "moby.tar"]
