@@ -1,0 +1,150 @@
+"""End to end on a real (unprivileged, private) libvirtd with real qemu under TCG.
+
+Two VMs boot a Debian cloud kernel and a busybox initrd that prints our init's readiness line; the
+test sees that line through the provider's console, the moby flavor turns HEALTHY, labels go
+through the instance core, a published port is bound on 127.0.0.1, and destroy leaves no domain, no
+qemu process, no volume and no file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+from harness.libvirtd import boot_files, libvirtd_session  # noqa: E402,F401
+from mobykit.core.instance import InstanceCore  # noqa: E402
+from mobykit.flavor.moby import IMAGE_TAG, MobyFlavor  # noqa: E402
+from mobykit.providers.base import BootImage, MachineSpec  # noqa: E402
+from mobykit.providers.libvirt import LibvirtProvider  # noqa: E402
+from mobykit.spi.types import Health  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+BOOT_WAIT = 120.0  # generous: TCG on a loaded 2-core CI machine; reaching it is a failure, not a measure
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = BOOT_WAIT) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """PIDs of processes whose command line mentions ``marker`` (an instance id)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def provider(libvirtd_session):  # noqa: F811
+    p = LibvirtProvider(libvirtd_session.config)
+    yield p
+    for m in p.list({}):
+        p.destroy(m.id)
+    conn = libvirt.open(libvirtd_session.uri)
+    try:
+        pool = conn.storagePoolLookupByName(libvirtd_session.config["Pool"])
+        for vol in pool.listAllVolumes(0):
+            vol.delete(0)
+        pool.destroy()
+        pool.delete(0)
+        pool.undefine()
+    except libvirt.libvirtError:
+        pass
+    finally:
+        conn.close()
+    p.close()
+    assert not libvirtd_session.pool_path.exists()
+
+
+def test_two_vms_boot_become_healthy_are_labelled_and_leave_nothing(provider, boot_files, libvirtd_session):  # noqa: F811
+    image = BootImage(id=boot_files.image_id, name="e2e", kernel=boot_files.kernel, initrd=boot_files.initrd,
+                      cmdline=boot_files.cmdline)
+    provider.publish_image(image, {})
+    provider.publish_image(image, {})  # idempotent
+    core = InstanceCore({"providers": {"libvirt": libvirtd_session.config}}, providers={"libvirt": provider})
+    flavor = MobyFlavor({"providers": {"libvirt": {}}}, instances=core)
+    port = free_port()
+    tags = {"infrakit.group": "e2e", IMAGE_TAG: image.id}
+    ids = [
+        provider.create(MachineSpec(properties={"Image": image.id}, tags=tags, user_data="echo one")).id,
+        provider.create(MachineSpec(properties={"Image": image.id, "Publish": [f"{port}:80"], "Memory": 384},
+                                    tags=tags, user_data="", logical_id="db-0")).id,
+    ]
+    assert ids == sorted(ids)
+    described = core.describe_instances("libvirt", {"infrakit.group": "e2e"}, True)
+    assert [d.id for d in described] == ids  # listed with tags as soon as create returned
+    assert described[1].logical_id == "db-0"
+
+    for iid in ids:
+        wait_for(f"{iid} readiness line",
+                 lambda iid=iid: f"mobykit: ready {image.id}" in provider.console_output(iid))
+    props = {"Image": {"kernel": {"image": "unused"}}}  # Healthy does not build
+    for d in described:
+        assert flavor.healthy("moby", props, d) == Health.HEALTHY
+
+    # the published port is bound on the loopback address by the VM's user-mode network
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+
+    core.label("libvirt", ids[0], {"role": "web"})
+    fresh = LibvirtProvider(libvirtd_session.config)
+    try:
+        (m,) = fresh.list({"role": "web"})
+        assert m.id == ids[0] and m.tags == {**tags, "role": "web"} and m.state == "running"
+    finally:
+        fresh.close()
+
+    pool_dir = libvirtd_session.pool_path
+    assert any(n.startswith(ids[0]) for n in os.listdir(pool_dir))
+    for iid in ids:
+        core.destroy("libvirt", iid)
+        core.destroy("libvirt", iid)  # gone is success
+    assert core.describe_instances("libvirt", {}, False) == []
+    conn = libvirt.open(libvirtd_session.uri)
+    try:
+        assert [d.name() for d in conn.listAllDomains(0)] == []
+    finally:
+        conn.close()
+    for iid in ids:
+        assert qemu_pids(iid) == []
+    left = sorted(os.listdir(pool_dir))
+    assert left == sorted(f"{image.id.removeprefix('sha256:')}.{s}" for s in ("kernel", "initrd", "cmdline"))
+    # the VM's port forward went with it
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+
+
+def test_kernel_and_initrd_paths_boot_and_the_console_survives_in_the_pool(provider, boot_files):  # noqa: F811
+    m = provider.create(MachineSpec(
+        properties={"Kernel": str(boot_files.kernel), "Initrd": str(boot_files.initrd), "Cmdline": boot_files.cmdline},
+        tags={"t": "paths"}))
+    wait_for("readiness line", lambda: f"mobykit: ready {boot_files.image_id}" in provider.console_output(m.id))
+    assert provider.list({"t": "paths"})[0].state == "running"
+    provider.destroy(m.id)
+    assert provider.list({}) == []
+    assert qemu_pids(m.id) == []
