@@ -2,6 +2,7 @@
 credentials from a docker config.json, manifest lists, digest checks, offline resolution."""
 
 import base64
+import io
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from harness.registry import (
 )
 from mobykit.errors import CacheMiss, RegistryError
 from mobykit.image.cache import Cache
+from mobykit.image.progress import Progress
 from mobykit.image.registry import Registry, ensure
 
 MAIN = Path(__file__).resolve().parents[1]
@@ -250,6 +252,19 @@ def test_busybox_image_roundtrip(local_registry, tmp_path):  # noqa: F811
     layer = busybox_layer()
     d = push_image(reg, tmp_path, "public/busybox:1", layers=[layer])
     cache = Cache(tmp_path / "cache")
-    info = Registry(cache).pull(f"{reg.host}/public/busybox:1", "amd64")
+    shown = io.StringIO()
+    with Progress(stream=shown, enabled=True) as progress:
+        info = Registry(cache, progress=progress).pull(f"{reg.host}/public/busybox:1", "amd64")
     assert info.digest == d["digest"]
     assert cache.blob_path(info.layers[0].digest).read_bytes() == layer
+    assert info.layers[0].digest[7:19] in shown.getvalue()  # the layer's download was displayed
+
+
+@pytest.mark.slow
+def test_transient_token_service_failure_is_retried(local_registry, tmp_path):  # noqa: F811
+    reg = local_registry
+    d = push_image(reg, tmp_path, "public/flaky:1")
+    seen = len(reg.tokens.requests)
+    reg.tokens.fail_next = 2
+    assert Registry(Cache(tmp_path / "cache")).pull(f"{reg.host}/public/flaky:1", "amd64").digest == d["digest"]
+    assert [u for u, _ in reg.tokens.requests[seen:]] == ["503", "503", None]

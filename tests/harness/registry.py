@@ -51,6 +51,7 @@ class TokenServer:
     workdir: Path
     port: int = 0
     requests: list[tuple[str | None, list[str]]] = field(default_factory=list)
+    fail_next: int = 0  # answer this many requests with 503 (a transient failure) first
 
     def start(self) -> TokenServer:
         from cryptography import x509
@@ -95,6 +96,13 @@ class TokenServer:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         import jwt
 
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            self.requests.append(("503", []))
+            h.send_response(503)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         q = parse_qs(urlsplit(h.path).query)
         scopes = q.get("scope", [])
         user = None
