@@ -220,3 +220,18 @@ def test_leading_directories_get_linuxkit_modes():
     spec = loads("files:\n  - path: a/b/c\n    contents: x\n    mode: '0640'\n  - path: d/e\n    contents: y\n", "x.yml")
     assert spec.files[0].parent_dir_mode == 0o750
     assert spec.files[1].parent_dir_mode == 0o700
+
+
+@pytest.mark.parametrize("text,message", [
+    ("init:\n  - a\n  - 1\n", "x.yml:3: init[1]: expected an image reference (a string), got a number"),
+    ("services:\n  - name: a\n    image: b\n    uid: -1\n", "x.yml:4: services[0].uid: ids are not negative, got -1"),
+    ("a: 1\nb: \x07\n", "x.yml:2: control character U+0007 is not allowed in YAML"),
+    ("services:\n  - alpine\n", "x.yml:2: services[0]: expected a mapping, got a string"),
+    ("trust: {org: linuxkit}\n", "x.yml:1: trust.org: expected a list, got a string"),
+    ("services:\n  - name: a\n    image: b\n    mounts:\n      - {destination: /x}\n",
+     "x.yml:5: services[0].mounts[0]: mount for destination /x has no type"),
+])
+def test_more_mistakes(text, message):
+    with pytest.raises(SpecError) as info:
+        loads(text, "x.yml")
+    assert str(info.value) == message

@@ -97,8 +97,13 @@ def _explain(err, lines: dict[Path_, int] | None) -> tuple[Path_, str]:
             hint = " (put it in quotes)"
         return path, f"expected {want}, got {_kind(err.instance)}{hint}"
     if v == "anyOf":
-        if path and path[-1] == "init" or path == ("init",):
+        if path == ("init",):
+            if isinstance(err.instance, list):
+                i = next(i for i, x in enumerate(err.instance) if not isinstance(x, str))
+                return path + (i,), f"expected an image reference (a string), got {_kind(err.instance[i])}"
             return path, f"expected a list of image references, got {_kind(err.instance)}"
+        if isinstance(err.instance, int) and not isinstance(err.instance, bool):
+            return path, f"ids are not negative, got {err.instance}"
         return path, f"expected a number or a name, got {_kind(err.instance)}"
     if v in ("minimum", "maximum"):
         word = "at least" if v == "minimum" else "at most"

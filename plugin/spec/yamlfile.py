@@ -131,6 +131,12 @@ class _Converter:
         return value
 
 
+def _reader_error(e: yaml.reader.ReaderError, text: str, file: str) -> SpecError:
+    code = e.character if isinstance(e.character, int) else ord(e.character)
+    line = text.count("\n", 0, e.position) + 1
+    return SpecError(f"control character U+{code:04X} is not allowed in YAML", file=file, line=line)
+
+
 def _syntax_error(e: yaml.MarkedYAMLError, file: str) -> SpecError:
     """PyYAML's two marks -> one line: where the construct began when that is known (an unclosed
     quote is reported where it opens, not at the end of the file)."""
@@ -158,12 +164,17 @@ def parse(text: str | bytes, file: str) -> Document:
             raise SpecError(f"not UTF-8 text (byte {e.start})", file=file) from None
     elif len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise SpecError(f"file is larger than {MAX_BYTES} bytes", file=file)
-    loader = _Loader(text, file)
+    try:
+        loader = _Loader(text, file)
+    except yaml.reader.ReaderError as e:
+        raise _reader_error(e, text, file) from None
     try:
         try:
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as e:
             raise _syntax_error(e, file) from None
+        except yaml.reader.ReaderError as e:
+            raise _reader_error(e, text, file) from None
         except yaml.YAMLError as e:
             raise SpecError(f"YAML syntax error: {e}", file=file) from None
         except RecursionError:
