@@ -121,6 +121,7 @@ class GroupController:
         self._gave_up: str | None = None
         self._next_wake: float | None = None
         self._status = Status(config.id, config.hash, config.target)
+        self._generation = 0  # bumped by every commit/resize: a pass that began before is stale
 
     # -- what the plugin calls ------------------------------------------------------------------
 
@@ -136,6 +137,8 @@ class GroupController:
                 self._previous = self._config
                 self._rolled_back_from = None
             self._config = config
+            self._generation += 1
+            self._status.converged = False
             self._halted = None
             self._gave_up = None
             self._failures = 0
@@ -147,6 +150,8 @@ class GroupController:
             props = copy.deepcopy(self._config.properties)
             props.setdefault("Allocation", {})["Size"] = size
             self._config = replace(self._config, size=size, properties=props)
+            self._generation += 1
+            self._status.converged = False
             self._gave_up = None
             self._failures = 0
         self.wake()
@@ -284,7 +289,8 @@ class GroupController:
 
     def reconcile(self) -> Status:
         """One pass: observe, plan, act (in the pool, or inline). Returns the status after it."""
-        cfg = self.config
+        with self._lock:
+            cfg, generation = self._config, self._generation
         t0 = time.process_time()
         members = self.observe(cfg)
         plan = self.plan(cfg, members)
@@ -295,7 +301,7 @@ class GroupController:
                 plan = self.plan(cfg, members)
         creates = self._admit_creates(plan.create)
         plan.create = creates
-        self._update_status(cfg, members, plan)
+        self._update_status(cfg, members, plan, generation)
         self.metrics.reconciled(cfg.id, time.process_time() - t0)
         for r in plan.remove:
             self._start_remove(cfg, r)
@@ -433,7 +439,7 @@ class GroupController:
             log.info("destroyed group=%s instance=%s reason=%s", cfg.id, m.id, removal.reason.value)
             self.metrics.destroyed(cfg.id, removal.reason.value)
 
-    def _update_status(self, cfg: GroupConfig, members: list[Member], plan: Plan) -> None:
+    def _update_status(self, cfg: GroupConfig, members: list[Member], plan: Plan, generation: int) -> None:
         with self._lock:
             s = self._status
             s.group, s.hash, s.target = cfg.id, cfg.hash, cfg.target
@@ -454,5 +460,5 @@ class GroupController:
             s.step = self._gave_up or self._halted or plan.step
             if self._rolled_back_from and not self._halted:
                 s.step = f"rolled back from {self._rolled_back_from}: {plan.step}"
-            s.converged = plan.converged
+            s.converged = plan.converged and generation == self._generation
             self.metrics.observe(s, members)
