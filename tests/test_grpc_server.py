@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import threading
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness.mobykit_server import grpc_server, make_tls, memory_plugins, run_cli, serve_process
 from mobykit import errors
+from mobykit.providers.base import BootImage
 from mobykit.providers.memory import MemoryProvider
 from mobykit.rpc import server as rpc_server
 from mobykit.rpc.client import ClientTLS, connect
@@ -169,21 +171,61 @@ def test_group_service_and_missing_plugins_are_unimplemented(served):
                 assert "no " in str(e.value) and "configured" in str(e.value)
 
 
-def test_images_service_without_or_with_store(served):
-    clients, _, address = served
-    channel = grpc.insecure_channel(address)
-    images = pbg.ImagesStub(channel)
-    try:
-        import mobykit.image.store  # noqa: F401
-    except ModuleNotFoundError:
+def test_images_service_reads_the_configured_store(tmp_path):
+    plugins = memory_plugins(config={"cache": str(tmp_path / "cache")})
+    with grpc_server(plugins) as (_, bound, _tmp), grpc.insecure_channel(bound[0]) as channel:
+        images = pbg.ImagesStub(channel)
+        try:
+            import mobykit.image.store  # noqa: F401
+        except ModuleNotFoundError:
+            code, msg = status_of(images.Get, pb.GetImageRequest(id="sha256:" + "0" * 64))
+            assert code == grpc.StatusCode.UNIMPLEMENTED and "store" in msg
+            return
         code, msg = status_of(images.Get, pb.GetImageRequest(id="sha256:" + "0" * 64))
-        assert code == grpc.StatusCode.UNIMPLEMENTED and "store" in msg
-    else:
-        code, msg = status_of(images.Get, pb.GetImageRequest(id="sha256:" + "0" * 64))
-        assert code == grpc.StatusCode.NOT_FOUND
-        code, msg = status_of(images.Build, pb.BuildRequest(spec_yaml=["kernel: [not, a, mapping"]))
+        assert code == grpc.StatusCode.NOT_FOUND and "0" * 64 in msg
+        code, msg = status_of(images.Get, pb.GetImageRequest(id="latest"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "latest" in msg
+        code, msg = status_of(images.Build, pb.BuildRequest())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec" in msg
+        code, msg = status_of(images.Build, pb.BuildRequest(spec_yaml=["kernel: [not, closed"]))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec_yaml[0]" in msg
-    channel.close()
+        assert list(images.List(pb.ListImagesRequest()).images) == []
+
+
+class FakeStore:
+    """Stands in for mobykit.image.store (a real build needs kernels and registries): records the
+    ids asked for and returns a BootImage for the one id it holds."""
+
+    def __init__(self, image_id: str):
+        self.asked: list[str] = []
+        self.image = BootImage(id=image_id, name="t", kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0")
+
+    def get(self, image_id, cache=None):
+        self.asked.append(image_id)
+        if image_id != self.image.id:
+            raise errors.NotFound(f"image {image_id} is not built here")
+        return self.image
+
+
+def test_provision_publishes_a_built_image_before_create(monkeypatch):
+    import mobykit.image as image_pkg
+
+    image_id = "sha256:" + "ab" * 32
+    store = FakeStore(image_id)
+    monkeypatch.setattr(image_pkg, "store", store, raising=False)
+    monkeypatch.setitem(sys.modules, "mobykit.image.store", store)
+    provider = MemoryProvider()
+    with grpc_server(memory_plugins(provider)) as (_, bound, _tmp), connect(bound[0]) as c:
+        iid = c.instance.provision("", Spec(properties={"Image": image_id}, tags={"img": "1"}))
+        assert provider.images == {image_id: store.image}
+        assert c.instance.describe_instances("", {"img": "1"}, True)[0].properties["Image"] == image_id
+        assert iid in provider.ids()
+        missing = "sha256:" + "cd" * 32
+        with pytest.raises(errors.NotFound, match=missing):
+            c.instance.provision("", Spec(properties={"Image": missing}, tags={"img": "2"}))
+        assert c.instance.describe_instances("", {"img": "2"}) == []  # nothing created for it
+        c.instance.provision("", Spec(properties={"Image": "not-an-id"}))  # not a built image id: untouched
+        assert store.asked == [image_id, missing]
 
 
 def test_health_and_unix_socket_mode(served):

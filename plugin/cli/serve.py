@@ -76,20 +76,38 @@ def compose(config: dict[str, Any]):
     flavors: dict[str, Any] = {}
     moby = _optional("mobykit.flavor.moby", "MobyFlavor")
     if moby is not None:
-        flavors["moby"] = moby(config)
+        flavors["moby"] = moby(config, instances=instance)  # shares the core's provider connections
     vanilla = _optional("mobykit.flavor.vanilla", "VanillaFlavor")
     if vanilla is not None:
         flavors["vanilla"] = vanilla()
-    plugins = Plugins(instance=instance, flavors=flavors, config=config)
+    types = ["libvirt", "aws", "gcp"]
+    if "memory" in config.get("providers", {}) or config.get("default_provider") == "memory":
+        types.append("memory")  # advertised only when configured: it is a test double
+    plugins = Plugins(instance=instance, flavors=flavors, config=config, instance_types=tuple(types))
     group_cls = _optional("mobykit.group.plugin", "GroupPluginImpl")
     if group_cls is not None:
-        plugins.group = group_cls(lambda name: instance, lambda name: plugins.flavor(_type_of(name)))
+        plugins.group = group_cls(lambda name: resolve_instance(plugins, name), lambda name: resolve_flavor(plugins, name))
     return plugins
 
 
-def _type_of(plugin_name: str) -> str:
-    """``mobykit/moby`` -> ``moby``; a name without a type -> ``""``."""
-    return plugin_name.partition("/")[2]
+PLUGIN_LOOKUP = "mobykit"
+
+
+def resolve_instance(plugins, name: str):
+    """The group controller's instance plugin for ``mobykit/<provider>`` (this server's core).
+    Other plugins are not proxied: a group naming one is refused with its name."""
+    lookup, _, _ = name.partition("/")
+    if lookup != PLUGIN_LOOKUP or plugins.instance is None:
+        raise LookupError(f"only {PLUGIN_LOOKUP}/<provider> instance plugins are served here")
+    return plugins.instance
+
+
+def resolve_flavor(plugins, name: str):
+    """``mobykit/moby`` -> the moby flavor, ``mobykit/vanilla`` -> vanilla."""
+    lookup, _, type = name.partition("/")
+    if lookup != PLUGIN_LOOKUP or type not in plugins.flavors:
+        raise LookupError(f"flavor plugins served here: {', '.join(f'{PLUGIN_LOOKUP}/{t}' for t in plugins.flavors)}")
+    return plugins.flavors[type]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,15 +144,12 @@ def run(args: argparse.Namespace) -> int:
             bound.append(f"infrakit:{jsonrpc.path}")
         for b in bound:
             print(f"listening on {b}", flush=True)
-        start = getattr(plugins.group, "start", None)
-        if callable(start):
-            start()
         stop.wait()
         log.info("stopping: letting calls in progress finish (up to %.0fs)", args.grace)
     finally:
-        halt = getattr(plugins.group, "stop", None)
-        if callable(halt):
-            halt()
+        close = getattr(plugins.group, "close", None)
+        if callable(close):
+            close()  # stop the group controllers; their instances keep running
         threads = [threading.Thread(target=grpc_server.stop, args=(server, args.grace))]
         if jsonrpc is not None:
             threads.append(threading.Thread(target=jsonrpc.stop, args=(args.grace,)))

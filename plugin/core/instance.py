@@ -164,9 +164,17 @@ class InstanceCore:
                 raise
             log.warning("image store not available; not publishing %s", image)
             return
-        kwargs = {"cache": self.config["cache"]} if self.config.get("cache") else {}
-        boot = store.get(image, **kwargs)
+        boot = store.get(image, cache=configured_cache(self.config))
         provider.publish_image(boot, props)
+
+
+def configured_cache(config: dict[str, Any]):
+    """The image cache named by the config's ``cache`` key (None: the store's default)."""
+    if not config.get("cache"):
+        return None
+    from mobykit.image.cache import Cache
+
+    return Cache(config["cache"])
 
 
 def _check_str_map(value: Any, field: str) -> None:

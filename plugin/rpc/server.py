@@ -220,8 +220,9 @@ class ImagesService(pbg.ImagesServicer):
         self.plugins = plugins
 
     def _cache_kwargs(self) -> dict[str, Any]:
-        cache = self.plugins.config.get("cache")
-        return {"cache": cache} if cache else {}
+        from mobykit.core.instance import configured_cache
+
+        return {"cache": configured_cache(self.plugins.config)}
 
     @rpc
     def Build(self, req, ctx):

@@ -111,12 +111,13 @@ class DictGroup:
         self.sizes[id] = size
 
 
-def memory_plugins(provider: Any | None = None, name: str = "memory", **kwargs) -> Plugins:
+def memory_plugins(provider: Any | None = None, name: str = "memory", config: dict[str, Any] | None = None, **kwargs) -> Plugins:
     """Plugins whose instance core serves ``provider`` (a fresh MemoryProvider by default) as
     provider ``name``, which is also the default provider."""
     provider = provider if provider is not None else MemoryProvider()
-    core = InstanceCore({"default_provider": name}, providers={name: provider})
-    defaults: dict[str, Any] = {"flavors": {"vanilla": EchoFlavor()}, "group": DictGroup()}
+    config = {"default_provider": name, **(config or {})}
+    core = InstanceCore(config, providers={name: provider})
+    defaults: dict[str, Any] = {"flavors": {"vanilla": EchoFlavor()}, "group": DictGroup(), "config": config}
     defaults.update(kwargs)
     return Plugins(instance=core, **defaults)
 
