@@ -64,7 +64,7 @@ def image_label(entry, image_config: dict) -> dict[str, Any]:
     """The entry image's ``org.mobyproject.config`` label, parsed and checked (``{}`` if none).
 
     A bad label is the image's fault, so it is an ImageError naming the image."""
-    from mobykit.spec.validate import _EntryProblems, check_image_config
+    from mobykit.spec.validate import Problems, check_image_config
     from mobykit.spec.yamlfile import Document, parse
 
     labels = (_inner(image_config).get("Labels") or {})
@@ -86,7 +86,7 @@ def image_label(entry, image_config: dict) -> dict[str, Any]:
     if found:
         raise ImageError(f"{where}: {field_name(found[0]) or 'top level'}: {found[1]}", image=entry.image)
     try:
-        p = _EntryProblems(Document(where, data, doc.lines))
+        p = Problems(Document(where, data, doc.lines))
         check_image_config(p, (), data)
         p.raise_first()
     except SpecError as e:

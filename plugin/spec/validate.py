@@ -151,7 +151,7 @@ def check_capabilities(p, path: Path_, caps: list[str]) -> None:
             p.add(path + (i,), f"unknown capability {c}{hint}", field_path=path)
 
 
-class _EntryProblems:
+class Problems:
     """Collects problems so the one written first (by line) is reported. ``field_path`` lets a
     bad list item be reported on its field (``capabilities``) at the item's own line."""
 
@@ -318,7 +318,7 @@ def check_document(doc: Document) -> None:
     for new, old in (("onboot", "system"), ("services", "daemon")):
         if new in data and old in data:
             raise doc.error(f"both {new!r} and {old!r} given; {old!r} is the 2017 name of {new!r}", (old,))
-    p = _EntryProblems(doc)
+    p = Problems(doc)
     kernel = data.get("kernel")
     if kernel and kernel.get("image"):
         check_ref(p, ("kernel", "image"), kernel["image"])
