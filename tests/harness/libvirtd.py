@@ -63,6 +63,10 @@ def start_libvirtd(timeout: float = 30.0) -> tuple[SessionLibvirtd, subprocess.P
     for d in (home, run, home / ".config", home / ".cache", home / ".local" / "share"):
         d.mkdir(parents=True, exist_ok=True)
     pool_path = home / "pool"
+    # qemu's own stdout/stderr log to a plain file, not through virtlogd: a virtlogd the daemon
+    # spawned would outlive it as an orphan that nothing here reaps.
+    (home / ".config" / "libvirt").mkdir(parents=True, exist_ok=True)
+    (home / ".config" / "libvirt" / "qemu.conf").write_text('stdio_handler = "file"\n')
     _chown_tree(root)
     os.chmod(run, 0o700)
     env = {
@@ -122,8 +126,24 @@ def _kill_leftover_domains(uri: str) -> None:
         conn.close()
 
 
+def _helpers_of(root: Path) -> list[int]:
+    """PIDs of processes started for this daemon (their environment names its directory)."""
+    marker = f"XDG_RUNTIME_DIR={root / 'run'}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if marker in fh.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
 def stop_libvirtd(daemon: SessionLibvirtd, proc: subprocess.Popen) -> None:
-    """Stop domains, then the daemon by PID, then remove its directory."""
+    """Stop domains, then the daemon by PID, then any helper it left (by PID), then remove its dir."""
     if proc.poll() is None:
         _kill_leftover_domains(daemon.uri)
         proc.send_signal(signal.SIGTERM)
@@ -132,6 +152,11 @@ def stop_libvirtd(daemon: SessionLibvirtd, proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=15)
+    for pid in _helpers_of(daemon.root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     shutil.rmtree(daemon.root, ignore_errors=True)
 
 
