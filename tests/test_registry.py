@@ -13,6 +13,7 @@ from harness.registry import (
     fresh_registry,  # noqa: F401  (fixture)
     local_registry,  # noqa: F401  (fixture)
     registry_with_auth,
+    registry_with_basic_auth,
     unique_layer,
     write_image,
     write_index,
@@ -268,3 +269,14 @@ def test_transient_token_service_failure_is_retried(local_registry, tmp_path):  
     reg.tokens.fail_next = 2
     assert Registry(Cache(tmp_path / "cache")).pull(f"{reg.host}/public/flaky:1", "amd64").digest == d["digest"]
     assert [u for u, _ in reg.tokens.requests[seen:]] == ["503", "503", None]
+
+
+@pytest.mark.slow
+def test_basic_auth_registry_uses_docker_config_credentials(tmp_path):
+    with registry_with_basic_auth() as reg:
+        d = push_image(reg, tmp_path, "private/basic:1")
+        ref = f"{reg.host}/private/basic:1"
+        with pytest.raises(RegistryError, match="requires authentication"):
+            Registry(Cache(tmp_path / "anon")).pull(ref, "amd64")
+        cfg = docker_config(tmp_path, reg.host) / "config.json"
+        assert Registry(Cache(tmp_path / "cache"), auth_file=cfg).pull(ref, "amd64").digest == d["digest"]

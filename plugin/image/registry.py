@@ -152,7 +152,7 @@ class Registry:
         self.retries = retries
         self._session: requests.Session | None = None
         self._creds: dict[str, tuple[str, str]] | None = None
-        self._tokens: dict[tuple[str, str], str] = {}
+        self._auth: dict[tuple[str, str], str] = {}  # (host, repo) -> Authorization header value
         self.requests_made = 0  # for callers (and tests) that want to know if we went online
 
     # --- transport ------------------------------------------------------------------------
@@ -261,21 +261,21 @@ class Registry:
         url = f"{self.base_url(host)}/v2/{r.repository}/{path}"
         headers = {"Accept": accept} if accept else {"Accept-Encoding": "identity"}
         key = (host, r.repository)
-        auth = f"Bearer {self._tokens[key]}" if key in self._tokens else None
+        auth = self._auth.get(key)
         resp = self._send(url, what, headers, stream, host, auth)
         if resp.status_code == 401:
             challenge_header = resp.headers.get("WWW-Authenticate", "")
             resp.close()
             scheme, challenge = _parse_challenge(challenge_header)
             if scheme == "bearer":
-                self._tokens[key] = self._token(host, r.repository, challenge, what)
-                auth = f"Bearer {self._tokens[key]}"
+                auth = f"Bearer {self._token(host, r.repository, challenge, what)}"
             elif scheme == "basic" and self._credentials(host):
                 user, password = self._credentials(host)
                 auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
             else:
                 raise RegistryError(f"{what}: {host} requires authentication; add credentials to "
                                     f"{docker_config_path(self.auth_file)}")
+            self._auth[key] = auth
             resp = self._send(url, what, headers, stream, host, auth)
             if resp.status_code == 401:
                 resp.close()

@@ -146,7 +146,7 @@ class TokenServer:
 class RegistryServer:
     workdir: Path
     realm: str
-    cert_path: Path
+    cert_path: Path | None  # None: htpasswd (Basic) auth instead of tokens
     port: int = 0
     proc: subprocess.Popen | None = None
 
@@ -166,8 +166,12 @@ class RegistryServer:
             "log:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
-            f"auth:\n  token:\n    realm: {self.realm}\n    service: {SERVICE}\n    issuer: {ISSUER}\n"
-            f"    rootcertbundle: {self.cert_path}\n"
+            + (
+                f"auth:\n  token:\n    realm: {self.realm}\n    service: {SERVICE}\n    issuer: {ISSUER}\n"
+                f"    rootcertbundle: {self.cert_path}\n"
+                if self.cert_path else
+                f"auth:\n  htpasswd:\n    realm: {self.realm}\n    path: {self._htpasswd()}\n"
+            )
         )
         self.log = open(self.workdir / "registry.log", "wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
@@ -182,6 +186,13 @@ class RegistryServer:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("docker-registry did not start listening")
+
+    def _htpasswd(self) -> Path:
+        import bcrypt
+
+        path = self.workdir / "htpasswd"
+        path.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+        return path
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -232,6 +243,19 @@ def registry_with_auth(realm: str | None = None) -> Iterator[tuple[RegistryServe
     finally:
         reg.stop()
         tokens.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def registry_with_basic_auth() -> Iterator[RegistryServer]:
+    """A registry using htpasswd (HTTP Basic) auth: alice/secret may do anything, nobody else anything."""
+    work = Path(tempfile.mkdtemp(prefix="mobykit-registry-"))
+    reg = RegistryServer(work, "mobykit-basic", None)
+    try:
+        reg.start()
+        yield reg
+    finally:
+        reg.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
