@@ -1,0 +1,181 @@
+"""runtime.json -> runtime.sh: the generated script passes every untrusted value to the tools as
+exactly one argument, in LinuxKit's order, and refuses input it cannot express safely.
+
+The script runs under the host's sh and busybox sh with mount/mkdir/ip/nsenter replaced by
+recording shell functions (running the real mount here would change the host; the real tools are
+exercised by tests/test_init_boot.py inside a VM)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from mobykit.errors import SpecError
+from mobykit.image.runtime_sh import AFTER_CREATE_MARKER, runtime_script
+
+HOSTILE = "it's $(touch PWNED) `touch PWNED` ; rm -rf * \"x\" \\ \n$HOME"
+# Shell functions stand in for the tools: they win over PATH and over busybox's built-in applets
+# (Debian's busybox sh prefers its applets to PATH), so nothing real is ever mounted. Each call is
+# recorded NUL-separated, one record per call; mkdir really creates only inside the temp dir
+# (bindNS needs the target's directory to exist).
+WRAPPER = """
+_rec() { { printf '%s\\0' "$@"; printf '\\036'; } >> "$RECORD"; }
+mount() { _rec mount "$@"; }
+ip() { _rec ip "$@"; }
+nsenter() { _rec nsenter "$@"; }
+mkdir() { _rec mkdir "$@"; case "$3" in "$TMPROOT"/*) command mkdir "$@" ;; esac; }
+. "$SCRIPT"
+"""
+
+SHELLS = [s for s in (["/bin/sh"], ["/bin/busybox", "sh"]) if Path(s[0]).exists()]
+
+
+def _run(tmp: Path, shell: list[str], script: str, *args: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    sh = tmp / "runtime.sh"
+    sh.write_text(script)
+    wrapper = tmp / "wrapper.sh"
+    wrapper.write_text(WRAPPER)
+    record = tmp / "record"
+    record.write_bytes(b"")
+    env = {"PATH": "/usr/bin:/bin", "RECORD": str(record), "TMPROOT": str(tmp), "SCRIPT": str(sh),
+           "HOME": "/nonexistent"}
+    r = subprocess.run([*shell, str(wrapper), *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=30)
+    calls = [rec.split("\0")[:-1] for rec in record.read_text().split("\036") if rec]
+    return r, calls
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=[s[-1] for s in SHELLS])
+def test_prepare_passes_hostile_values_as_single_arguments(tmp_path, shell):
+    runtime = {
+        "mounts": [
+            {"destination": "/var/" + HOSTILE, "type": "tmpfs", "source": "tmp" + HOSTILE.replace("\n", ""),
+             "options": ["nodev", "size=" + HOSTILE.replace("\n", "")]},
+            {"destination": "rel/" + HOSTILE, "type": "bind", "source": "/src", "options": ["rbind", "ro"]},
+        ],
+        "mkdir": ["/var/lib/" + HOSTILE],
+        "cgroups": ["grp " + HOSTILE.replace("\n", "")],
+    }
+    script = runtime_script(runtime, "/containers/services/web")
+    r, calls = _run(tmp_path, shell, script, "prepare")
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.rglob("PWNED")), "a value was executed by the shell"
+    opt = "nodev,size=" + HOSTILE.replace("\n", "")
+    assert calls == [
+        ["mkdir", "-p", "--", "/var/" + HOSTILE],
+        ["mount", "-t", "tmpfs", "-o", opt, "--", "tmp" + HOSTILE.replace("\n", ""), "/var/" + HOSTILE],
+        # a relative destination is inside the bundle's rootfs; type "bind" is expressed by options
+        ["mkdir", "-p", "--", "/containers/services/web/rootfs/rel/" + HOSTILE],
+        ["mount", "-o", "rbind,ro", "--", "/src", "/containers/services/web/rootfs/rel/" + HOSTILE],
+        ["mkdir", "-p", "--", "/var/lib/" + HOSTILE],
+        ["mkdir", "-p", "--", "/sys/fs/cgroup/grp " + HOSTILE.replace("\n", "")],
+    ]
+
+
+def test_overlay_upper_and_work_dirs_are_made_before_the_mount(tmp_path):
+    b = "/containers/onboot/001-rw"
+    runtime = {"mounts": [
+        {"destination": f"{b}/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=0755"]},
+        {"destination": f"{b}/rootfs", "type": "overlay", "source": "overlay",
+         "options": [f"lowerdir={b}/lower", f"upperdir={b}/tmp/upper", f"workdir={b}/tmp/work"]},
+    ]}
+    r, calls = _run(tmp_path, ["/bin/sh"], runtime_script(runtime, b), "prepare")
+    assert r.returncode == 0, r.stderr
+    assert [c[:2] + c[-1:] for c in calls] == [
+        ["mkdir", "-p", f"{b}/tmp"],
+        ["mount", "-t", f"{b}/tmp"],
+        ["mkdir", "-p", f"{b}/rootfs"],
+        ["mkdir", "-p", f"{b}/tmp/upper"],
+        ["mkdir", "-p", f"{b}/tmp/work"],
+        ["mount", "-t", f"{b}/rootfs"],
+    ]
+    assert calls[-1][3:5] == ["-o", f"lowerdir={b}/lower,upperdir={b}/tmp/upper,workdir={b}/tmp/work"]
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=[s[-1] for s in SHELLS])
+def test_after_create_moves_links_and_binds_namespaces(tmp_path, shell):
+    target = tmp_path / ("ns dir " + HOSTILE.replace("\n", "").replace("/", "_")) / "net"
+    runtime = {
+        "interfaces": [
+            {"name": "eth1"},                                    # existing link: moved
+            {"name": "wg0", "add": "wireguard"},                 # created inside the container's netns
+            {"name": "dummy0", "add": "dummy", "createInRoot": True},  # created in root, then moved
+        ],
+        "bindNS": {"net": str(target), "uts": ""},
+    }
+    script = runtime_script(runtime, "/containers/services/net")
+    assert AFTER_CREATE_MARKER in script.splitlines()
+    r, calls = _run(tmp_path, shell, script, "after_create", "4242")
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.rglob("PWNED"))
+    assert calls == [
+        ["ip", "link", "set", "eth1", "netns", "4242"],
+        ["nsenter", "-t", "4242", "-n", "ip", "link", "add", "wg0", "type", "wireguard"],
+        ["ip", "link", "add", "dummy0", "type", "dummy"],
+        ["ip", "link", "set", "dummy0", "netns", "4242"],
+        ["mkdir", "-p", "--", str(target.parent)],
+        ["mount", "-o", "bind", "--", "/proc/4242/ns/net", str(target)],
+    ]
+    assert target.is_file(), "the bind target must exist as a file before the bind mount"
+
+
+def test_after_create_refuses_a_pid_that_is_not_a_number(tmp_path):
+    script = runtime_script({"bindNS": {"net": "/run/netns/x"}}, "/containers/services/x")
+    r, calls = _run(tmp_path, ["/bin/sh"], script, "after_create", "1; touch PWNED")
+    assert r.returncode != 0
+    assert calls == [] and not list(tmp_path.rglob("PWNED"))
+
+
+def test_veth_pair_is_created_named_and_moved():
+    script = runtime_script({"interfaces": [{"name": "veth-c", "peer": "veth-h"}]}, "/containers/services/x")
+    lines = [ln.strip() for ln in script.split("after_create() {", 1)[1].splitlines()]
+    assert "_veth 'veth-c' 'veth-h'" in lines
+    assert "ip link set 'veth-c' netns \"$pid\"" in lines
+
+
+def test_no_after_create_marker_without_interfaces_or_bindns():
+    script = runtime_script({"mkdir": ["/var/lib/x"]}, "/containers/onboot/000-x")
+    assert AFTER_CREATE_MARKER not in script
+    assert runtime_script({}, "/containers/onboot/000-x").count("\t:") == 2  # both parts empty
+
+
+def test_output_is_reproducible_and_valid_sh(tmp_path):
+    runtime = {"mounts": [{"destination": "/a", "type": "tmpfs", "source": "tmpfs"}], "mkdir": ["/b"],
+               "interfaces": [{"name": "eth0"}], "bindNS": {"uts": "/run/uts", "net": "/run/net"}}
+    a = runtime_script(runtime, "/containers/services/x")
+    assert a == runtime_script(dict(reversed(list(runtime.items()))), "/containers/services/x")
+    (tmp_path / "r.sh").write_text(a)
+    for shell in SHELLS:
+        subprocess.run([*shell, "-n", str(tmp_path / "r.sh")], check=True)
+    # bindNS order is fixed (sorted by namespace), whatever order the YAML had
+    assert a.index("_bindns 'net'") < a.index("_bindns 'uts'")
+
+
+@pytest.mark.parametrize("runtime,field", [
+    ({"mounts": [{"destination": "../../etc", "type": "tmpfs"}]}, "runtime.mounts[0].destination"),
+    ({"mounts": [{"type": "tmpfs"}]}, "runtime.mounts[0].destination"),
+    ({"mounts": [{"destination": "/a", "options": ["size=1,mode=0777"]}]}, "runtime.mounts[0].options[0]"),
+    ({"mounts": [{"destination": "/a", "source": "-oremount"}]}, "runtime.mounts[0].source"),
+    ({"mounts": [{"destination": "/a", "options": ["upperdir=rel/up"]}]}, "runtime.mounts[0].options[0]"),
+    ({"mounts": "tmpfs"}, "runtime.mounts"),
+    ({"mkdir": ["/a\0b"]}, "runtime.mkdir[0]"),
+    ({"mkdir": [3]}, "runtime.mkdir[0]"),
+    ({"cgroups": [".."]}, "runtime.cgroups[0]"),
+    ({"interfaces": [{"name": "averyveryverylongname"}]}, "runtime.interfaces[0].name"),
+    ({"interfaces": [{"name": "eth/0"}]}, "runtime.interfaces[0].name"),
+    ({"interfaces": [{"name": "-eth0"}]}, "runtime.interfaces[0].name"),
+    ({"interfaces": [{"name": "v0", "add": "veth"}]}, "runtime.interfaces[0].peer"),
+    ({"interfaces": [{"name": "v0", "add": "veth; reboot"}]}, "runtime.interfaces[0].add"),
+    ({"interfaces": [{"name": "v0", "createInRoot": "yes"}]}, "runtime.interfaces[0].createInRoot"),
+    ({"bindNS": {"time": "/run/t"}}, "runtime.bindNS"),
+    ({"bindNS": {"net": "relative/path"}}, "runtime.bindNS.net"),
+])
+def test_bad_input_names_the_field(runtime, field):
+    with pytest.raises(SpecError) as e:
+        runtime_script(runtime, "/containers/onboot/000-x")
+    assert field in str(e.value)
+
+
+def test_bundle_path_must_be_absolute():
+    with pytest.raises(SpecError, match="absolute"):
+        runtime_script({}, "containers/onboot/000-x")
