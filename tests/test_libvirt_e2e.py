@@ -148,3 +148,15 @@ def test_kernel_and_initrd_paths_boot_and_the_console_survives_in_the_pool(provi
     provider.destroy(m.id)
     assert provider.list({}) == []
     assert qemu_pids(m.id) == []
+
+
+def test_a_vm_that_cannot_start_leaves_no_domain_and_no_volume(provider, boot_files, libvirtd_session):  # noqa: F811
+    from mobykit.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="cannot start"):
+        provider.create(MachineSpec(
+            properties={"Kernel": str(boot_files.kernel), "Initrd": str(boot_files.initrd), "Memory": 100_000_000},
+            user_data="echo never", tags={"t": "fail"}))
+    assert provider.list({}) == []
+    # only the content-addressed boot files stay (a cache); nothing made for the instance
+    assert all(n.endswith((".kernel", ".initrd", ".cmdline")) for n in os.listdir(libvirtd_session.pool_path))
