@@ -177,7 +177,7 @@ class GroupController:
         if self._thread is not None and wait:
             self._thread.join()
         if self._pool is not None:
-            self._pool.shutdown(wait=wait)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
