@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness.mobykit_server import grpc_server, make_tls, memory_plugins, run_cli, serve_process
+
 from mobykit import errors
 from mobykit.providers.base import BootImage
 from mobykit.providers.memory import MemoryProvider
@@ -298,3 +299,41 @@ def test_sigterm_lets_an_in_flight_call_finish():
         assert result["id"].startswith("mem-")
         assert "stopping" in sp.stderr()
         assert not Path(address.removeprefix("unix:")).exists()
+
+
+@pytest.mark.slow
+def test_serve_composes_group_vanilla_and_core_across_both_transports():
+    """A group committed through Infrakit's socket is converged by the real group plugin over the
+    core and the vanilla flavor, and seen through gRPC."""
+    import time
+
+    from harness.mobykit_server import call
+
+    with serve_process(["--listen", "unix:grpc.sock"]) as sp:
+        grpc_addr, infrakit = sp.addresses[0], sp.addresses[1].removeprefix("infrakit:")
+        hello = call(infrakit, "Handshake.Hello", {})["result"]["Objects"]
+        assert {"Name": "memory", "ProxyFor": ""} in hello["Instance/0.6.1"]
+        assert [o["Name"] for o in hello["Flavor/0.1.1"]] == ["moby", "vanilla"]
+        spec = {
+            "ID": "web",
+            "Properties": {
+                "Allocation": {"Size": 2},
+                "Instance": {"Plugin": "mobykit/memory", "Properties": {}},
+                "Flavor": {"Plugin": "mobykit/vanilla", "Properties": {"Init": ["echo hi"]}},
+            },
+        }
+        r = call(infrakit, "Group.CommitGroup", {"Spec": spec, "Pretend": False})
+        assert r["result"]["ID"] == "web", r
+        bad = dict(spec, ID="x", Properties=dict(spec["Properties"], Instance={"Plugin": "elsewhere/aws", "Properties": {}}))
+        r = call(infrakit, "Group.CommitGroup", {"Spec": bad, "Pretend": True})
+        assert r["error"]["code"] == -32000 and "elsewhere/aws" in r["error"]["message"]
+        with connect(grpc_addr) as c:
+            for _ in range(300):  # the controller converges in the background
+                members = c.instance.describe_instances("memory", {"infrakit.group": "web"})
+                if len(members) == 2:
+                    break
+                time.sleep(0.1)
+            assert len(members) == 2
+            assert c.group.size("web") == 2
+            assert [s.id for s in c.group.inspect_groups()] == ["web"]
+        assert sp.terminate() == 0

@@ -19,6 +19,7 @@ from harness.mobykit_server import (
     memory_plugins,
     post_raw,
 )
+
 from mobykit.rpc.jsonrpc import default_socket_path
 
 GOLDEN = sorted((Path(__file__).parent / "golden" / "jsonrpc").glob("*.json"))

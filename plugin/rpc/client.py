@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from mobykit import errors
 from mobykit.rpc import convert as c
 from mobykit.rpc.gen import mobykit_pb2 as pb

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from google.protobuf import struct_pb2
+
 from mobykit.errors import InvalidArgument
 from mobykit.rpc.gen import mobykit_pb2 as pb
 from mobykit.spi.group import GroupDescription, GroupSpec

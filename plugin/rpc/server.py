@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from mobykit.core.errors import classify
 from mobykit.errors import InvalidArgument
 from mobykit.rpc import convert as c
