@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fakes import Crash, FakeWorld, group_spec
+
 from mobykit.group.controller import GroupController, Options
 from mobykit.group.spec import parse
 from mobykit.spi.group import GroupSpec

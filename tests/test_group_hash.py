@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import yaml
+
 from mobykit.group.hash import go_float, go_string, instance_hash, stable_format
 from mobykit.group.spec import from_document, parse
 

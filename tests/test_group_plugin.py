@@ -7,6 +7,7 @@ import time
 
 import pytest
 from fakes import ConsoleFlavor, group_spec
+
 from mobykit.core.instance import InstanceCore
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
 from mobykit.group.controller import Options

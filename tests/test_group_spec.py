@@ -6,6 +6,7 @@ import json
 
 import pytest
 from fakes import group_spec
+
 from mobykit.errors import InvalidArgument, SpecError
 from mobykit.group.spec import FixedOrPercent, load, parse, parse_duration
 from mobykit.spi.group import GroupSpec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from mobykit.errors import InvalidArgument, NotFound, Unavailable
 from mobykit.providers import load
 from mobykit.providers.base import BootImage, MachineSpec

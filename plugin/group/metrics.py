@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mobykit.spi.types import Health
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mobykit.spi.types import Health
 
 
 class GroupMetrics:
