@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from harness.registry import layer_tar, write_image, write_index, write_multiarch
+
 from mobykit.errors import ImageError
 from mobykit.image.cache import OCI_LAYER_TAR, Cache
 from mobykit.image.importer import import_path
@@ -221,3 +222,14 @@ def test_docker_save_without_repotags_uses_repositories_file(tmp_path, layout):
     [(ref, digest)] = import_path(cache, legacy)
     assert ref == "example.com/old/style:7"
     assert cache.resolve(ref, "amd64").digest == digest
+
+
+def test_extracted_docker_save_directory(tmp_path, layout):
+    lay, _ = layout
+    archive = tmp_path / "save.tar"
+    skopeo(f"oci:{lay}:v1", f"docker-archive:{archive}:busybox:v1", home=tmp_path)
+    extracted = tmp_path / "extracted"
+    with tarfile.open(archive) as tf:
+        tf.extractall(extracted, filter="data")  # our own archive: trusted here
+    from_tar = import_path(Cache(tmp_path / "a"), archive)
+    assert import_path(Cache(tmp_path / "b"), extracted) == from_tar

@@ -1,6 +1,7 @@
 """Image references normalise the way docker does, so one image written two ways is one cache entry."""
 
 import pytest
+
 from mobykit.errors import InvalidArgument
 from mobykit.image.reference import is_loopback_host, parse
 

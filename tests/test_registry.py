@@ -19,6 +19,7 @@ from harness.registry import (
     write_index,
     write_multiarch,
 )
+
 from mobykit.errors import CacheMiss, RegistryError
 from mobykit.image.cache import Cache
 from mobykit.image.progress import Progress
