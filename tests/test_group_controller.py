@@ -319,3 +319,46 @@ def test_rolling_update_resumes_after_restart_without_redoing_work():
     run(ctl2, w, steps=1000)
     assert hashes(w) == [v2.hash] * 4
     assert [e.op for e in w.events].count("provision") == 8
+
+
+def test_scale_down_during_an_update_removes_old_config_first():
+    w = FakeWorld()
+    v1, v2 = config(size=4), config(size=4, version="v2")
+    ctl = controller(w, v1)
+    run(ctl, w)
+    ctl.update(v2)
+    run(ctl, w, until=lambda: hashes(w).count(v2.hash) == 2 and len(w.group("workers")) == 4)
+    ctl.update(config(size=2, version="v2"))
+    run(ctl, w)
+    assert hashes(w) == [v2.hash] * 2
+    late = [e for e in w.events if e.op == "destroy"][-2:]
+    assert all(e.hash == v1.hash for e in late)  # the old ones went, not the new ones
+
+
+def test_quorum_update_leaves_self_for_another_manager():
+    w = FakeWorld()
+    lids = ["m1", "m2", "m3"]
+    ctl = controller(w, config(logical_ids=lids), self_logical_id="m2")
+    run(ctl, w)
+    new = config(logical_ids=lids, version="v2")
+    ctl.update(new)
+    for _ in range(400):
+        st = ctl.reconcile()
+        w.clock.advance(0.5)
+    by_lid = {i.logical_id: i.tags["infrakit.config.hash"] for i in w.group("workers")}
+    assert by_lid["m1"] == by_lid["m3"] == new.hash
+    assert by_lid["m2"] != new.hash
+    assert "self" in st.step and not st.converged
+
+
+def test_quorum_duplicate_holder_is_removed():
+    w = FakeWorld()
+    cfg = config(logical_ids=["a"])
+    from mobykit.spi.types import Spec
+
+    for _ in range(2):
+        w.instance.provision("", Spec({"Image": "v1"}, {"infrakit.group": "workers", "infrakit.config.hash": cfg.hash},
+                                      logical_id="a"))
+    w.clock.advance(5)
+    run(controller(w, cfg), w)
+    assert [i.id for i in w.group("workers")] == ["i-000001"]  # the oldest is kept
