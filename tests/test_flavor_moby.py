@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from mobykit.core.instance import InstanceCore
 from mobykit.errors import FailedPrecondition, ImageError, InvalidArgument
 from mobykit.flavor.moby import IMAGE_TAG, MobyFlavor
@@ -327,3 +328,75 @@ def test_default_probe_reaches_providers_through_an_instance_core(spec_file):
     flavor = MobyFlavor({"default_provider": "memory"}, instances=core, clock=Clock())
     inst = Description(id=iid, tags={IMAGE_TAG: IMAGE_A})
     assert flavor.healthy("", {"Image": spec_file}, inst) == Health.HEALTHY
+
+
+# --- Prepare through the real build and built-image store ---------------------------------------
+
+
+def _put_image(cache, ref: str, layer_tar: bytes) -> None:
+    """Tag a one-layer OCI image in the cache, as a pull would leave it."""
+    import hashlib
+    import json
+
+    from harness.tarlayers import compress
+
+    blob = compress(layer_tar, "gzip")
+    layer = cache.write_blob(blob)
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                      "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]}})
+    config = cache.write_blob(cfg.encode())
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": len(cfg)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": len(blob)}],
+    }).encode()
+    cache.tag(ref, cache.write_blob(manifest))
+
+
+@pytest.fixture
+def built_cache(tmp_path):
+    from harness.tarlayers import d, f, tar_bytes
+
+    from mobykit.image.cache import Cache
+
+    cache = Cache(tmp_path / "cache")
+    _put_image(cache, "example.com/test/kernel:1",
+               tar_bytes(f("kernel", b"\x7fKERNEL" * 64), f("kernel.tar", tar_bytes(d("lib/")))))
+    _put_image(cache, "example.com/test/init:1", tar_bytes(d("sbin/"), f("sbin/init", b"#!/bin/sh\n", mode=0o755)))
+    spec = tmp_path / "web.yml"
+    spec.write_text("kernel:\n  image: example.com/test/kernel:1\n  cmdline: console=ttyS0\n"
+                    "init:\n  - example.com/test/init:1\n")
+    return cache, spec
+
+
+def test_prepare_builds_once_and_the_core_publishes_the_built_image(built_cache):
+    from mobykit.image import store
+
+    cache, spec = built_cache
+    flavor = MobyFlavor({"cache": str(cache.root)})
+    first = flavor.prepare("moby", {"Image": str(spec)}, Spec(properties={}), ALLOC, Index("web", 1))
+    image_id = first.properties["Image"]
+    boot = store.get(image_id, cache)
+    assert first.tags[IMAGE_TAG] == image_id == boot.id
+    stamp = boot.initrd.stat().st_mtime_ns
+    again = flavor.prepare("moby", {"Image": str(spec)}, Spec(properties={}), ALLOC, Index("web", 1))
+    assert again.properties["Image"] == image_id
+    assert boot.initrd.stat().st_mtime_ns == stamp  # unchanged spec: nothing rebuilt
+
+    mp = MemoryProvider({})
+    core = InstanceCore({"default_provider": "memory", "cache": str(cache.root)}, providers={"memory": mp})
+    iid = core.provision("memory", first)
+    assert image_id in mp.images  # the core published what the flavor built
+    assert core.describe_instances("memory", {IMAGE_TAG: image_id}, False)[0].id == iid
+
+    spec.write_text(spec.read_text().replace("console=ttyS0", "console=ttyS0 quiet"))
+    changed = flavor.prepare("moby", {"Image": str(spec)}, Spec(properties={}), ALLOC, Index("web", 1))
+    assert changed.properties["Image"] != image_id
+
+
+def test_prepare_builds_an_inline_spec(built_cache):
+    cache, _spec = built_cache
+    inline = {"kernel": {"image": "example.com/test/kernel:1", "cmdline": "console=ttyS0"},
+              "init": ["example.com/test/init:1"]}
+    out = MobyFlavor({"cache": str(cache.root)}).prepare("", {"Image": inline}, Spec(), ALLOC, Index())
+    assert out.properties["Image"].startswith("sha256:")
