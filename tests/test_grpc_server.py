@@ -278,6 +278,8 @@ def test_serve_refuses_plain_tcp_without_insecure(tmp_path):
 @pytest.mark.slow
 def test_sigterm_lets_an_in_flight_call_finish():
     config = {"default_provider": "memory", "providers": {"memory": {"provision_latency": 2.0}}}
+    from harness.mobykit_server import call
+
     with serve_process(["-v", "--listen", "unix:grpc.sock"], config=config) as sp:
         address, infrakit = sp.addresses
         assert stat.S_IMODE(Path(infrakit.removeprefix("infrakit:")).stat().st_mode) == 0o600
@@ -290,13 +292,22 @@ def test_sigterm_lets_an_in_flight_call_finish():
                 except Exception as e:  # reported below
                     result["error"] = e
 
+        def provision_jsonrpc():
+            params = {"Type": "", "Spec": {"Properties": {}, "Tags": {"slow": "2"}}}
+            result["jsonrpc"] = call(infrakit.removeprefix("infrakit:"), "Instance.Provision", params)
+
         t = threading.Thread(target=provision)
         t.start()
         sp.wait_for_log("call InstanceService.Provision")
+        t2 = threading.Thread(target=provision_jsonrpc)
+        t2.start()
+        sp.wait_for_log("jsonrpc call Instance.Provision")
         assert sp.terminate() == 0
         t.join(30)
+        t2.join(30)
         assert "error" not in result, result
         assert result["id"].startswith("mem-")
+        assert result["jsonrpc"]["result"]["ID"].startswith("mem-"), result
         assert "stopping" in sp.stderr()
         assert not Path(address.removeprefix("unix:")).exists()
 
@@ -337,3 +348,42 @@ def test_serve_composes_group_vanilla_and_core_across_both_transports():
             assert c.group.size("web") == 2
             assert [s.id for s in c.group.inspect_groups()] == ["web"]
         assert sp.terminate() == 0
+
+
+def test_config_file_is_loaded_and_checked(tmp_path, monkeypatch):
+    from mobykit.core import config as configuration
+    from mobykit.core.instance import InstanceCore
+
+    good = tmp_path / "mobykit.yml"
+    good.write_text("default_provider: memory\nproviders:\n  memory:\n    id_prefix: cfg-\n")
+    monkeypatch.setenv("MOBYKIT_CONFIG", str(good))
+    cfg = configuration.load()
+    assert cfg["providers"]["memory"] == {"id_prefix": "cfg-"}
+    core = InstanceCore(cfg)  # loads the memory provider with its section
+    assert core.provision("", Spec(properties={}, tags={})).startswith("cfg-")
+    assert [d.id for d in core.describe_instances("", {})] == ["cfg-00000001"]
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text("providers:\n  memory: {\n")
+    with pytest.raises(errors.InvalidArgument, match=r"bad\.yml:\d+: invalid YAML"):
+        configuration.load(bad)
+    bad.write_text("provider: {}\n")
+    with pytest.raises(errors.InvalidArgument, match="unknown key.*provider"):
+        configuration.load(bad)
+    bad.write_text("providers:\n  memory: 3\n")
+    with pytest.raises(errors.InvalidArgument, match="providers.memory"):
+        configuration.load(bad)
+    bad.write_text("providers:\n  memory:\n    provision_latency: -1\n")
+    with pytest.raises(errors.InvalidArgument, match="provision_latency"):
+        InstanceCore(configuration.load(bad)).describe_instances("memory", {})
+    r = run_cli(["serve", "--config", str(tmp_path / "missing.yml"), "--no-infrakit"], env=dict(os.environ, HOME=str(tmp_path)))
+    assert r.returncode == 2 and "missing.yml" in r.stderr
+
+
+def test_client_reports_an_unreachable_server_by_address(tmp_path):
+    address = f"unix:{tmp_path}/nobody.sock"
+    with connect(address, timeout=5) as c:
+        with pytest.raises(errors.Unavailable, match="nobody.sock"):
+            c.instance.describe_instances("", {})
+    with pytest.raises(errors.InvalidArgument, match="MOBYKIT_SERVER"):
+        connect("")

@@ -404,6 +404,7 @@ class Dispatcher:
             handler = self.methods.get(method)
             if handler is None:
                 raise RPCError(E_NO_METHOD, f"method not found: {method}")
+            log.debug("jsonrpc call %s", method)
             try:
                 result = handler(params)
             except Exception as e:
