@@ -362,3 +362,28 @@ def test_quorum_duplicate_holder_is_removed():
     w.clock.advance(5)
     run(controller(w, cfg), w)
     assert [i.id for i in w.group("workers")] == ["i-000001"]  # the oldest is kept
+
+
+def test_destroyed_instance_still_listed_for_a_while_is_not_counted():
+    """Clouds list a terminated machine for a while (shutting down): the controller must not
+    count it, or it would scale down a second, live one."""
+    w = FakeWorld()
+    ctl = controller(w, config(size=3))
+    run(ctl, w)
+    ghosts = {}
+    real_destroy, real_describe = w.instance.destroy, w.instance.describe_instances
+
+    def destroy(type, instance, reason):
+        ghosts[instance] = next(d for d in real_describe(type, {}, False) if d.id == instance)
+        real_destroy(type, instance, reason)
+
+    def describe(type, tags, properties):
+        return sorted(real_describe(type, tags, properties) + list(ghosts.values()), key=lambda d: d.id)
+
+    w.instance.destroy, w.instance.describe_instances = destroy, describe
+    ctl.set_size(2)
+    for _ in range(10):
+        ctl.reconcile()
+        w.clock.advance(1)
+    assert len(w.group("workers")) == 2
+    assert [e.op for e in w.events].count("destroy") == 1

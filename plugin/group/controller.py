@@ -210,9 +210,10 @@ class GroupController:
         healthy_since = self._healthy_since
         for d in listed:
             seen.add(d.id)
-            done = destroyed.get(d.id)
-            if done is not None and done >= listing_seq:
-                continue  # destroyed after this listing began: gone already
+            if d.id in destroyed:
+                # Our Destroy returned: it is gone even if the cloud still lists it for a while
+                # (shutting down), so it is neither counted nor replaced twice.
+                continue
             m = Member.from_description(d)
             if m.hash == BOOTSTRAP:
                 self.instance.label(itype, d.id, {HASH_TAG: cfg.hash})
@@ -238,10 +239,10 @@ class GroupController:
             for gone in [i for i in healthy_since if i not in seen]:
                 del healthy_since[gone]
             for i, seq in list(self._destroyed.items()):
-                if seq < listing_seq:
-                    del self._destroyed[i]  # this listing already reflects it
+                if seq <= listing_seq and i not in seen:
+                    del self._destroyed[i]  # a listing begun after the destroy no longer shows it
             for i, (seq, h, lid) in list(self._provisioned.items()):
-                if i in seen or seq < listing_seq:
+                if i in seen or seq <= listing_seq:  # returned before this listing began: it is in it
                     del self._provisioned[i]
                 else:
                     members.append(Member(id=i, hash=h, logical_id=lid, provisional=True))
