@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mobykit.errors import InvalidArgument
 from mobykit.flavor.vanilla import VanillaFlavor
 from mobykit.spi.types import Allocation, Attachment, Description, Health, Index, Spec

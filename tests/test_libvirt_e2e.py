@@ -18,6 +18,7 @@ import pytest
 libvirt = pytest.importorskip("libvirt")
 
 from harness.libvirtd import boot_files, libvirtd_session  # noqa: E402,F401
+
 from mobykit.core.instance import InstanceCore  # noqa: E402
 from mobykit.flavor.moby import IMAGE_TAG, MobyFlavor  # noqa: E402
 from mobykit.providers.base import BootImage, MachineSpec  # noqa: E402
@@ -99,6 +100,17 @@ def test_two_vms_boot_become_healthy_are_labelled_and_leave_nothing(provider, bo
     described = core.describe_instances("libvirt", {"infrakit.group": "e2e"}, True)
     assert [d.id for d in described] == ids  # listed with tags as soon as create returned
     assert described[1].logical_id == "db-0"
+
+    # the user data rides on a NoCloud ISO attached as a CD-ROM, the second VM has none
+    conn = libvirt.open(libvirtd_session.uri)
+    try:
+        xml0, xml1 = (conn.lookupByName(i).XMLDesc(0) for i in ids)
+    finally:
+        conn.close()
+    iso = libvirtd_session.pool_path / f"{ids[0]}.cidata.iso"
+    assert "device='cdrom'" in xml0 and str(iso) in xml0 and "cdrom" not in xml1
+    data = iso.read_bytes()
+    assert data[0x8001:0x8006] == b"CD001" and b"cidata" in data[0x8000:0x8100] and b"echo one" in data
 
     for iid in ids:
         wait_for(f"{iid} readiness line",
