@@ -400,3 +400,10 @@ def test_prepare_builds_an_inline_spec(built_cache):
               "init": ["example.com/test/init:1"]}
     out = MobyFlavor({"cache": str(cache.root)}).prepare("", {"Image": inline}, Spec(), ALLOC, Index())
     assert out.properties["Image"].startswith("sha256:")
+
+
+def test_health_does_not_need_the_spec_file_any_more(tmp_path):
+    gone = str(tmp_path / "removed.yml")
+    probe = _StaticProbe(f"mobykit: ready {IMAGE_A}\n")
+    inst = Description(id="x-1", tags={IMAGE_TAG: IMAGE_A})
+    assert MobyFlavor({}, instances=probe, clock=Clock()).healthy("", {"Image": gone}, inst) == Health.HEALTHY

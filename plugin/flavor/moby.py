@@ -78,8 +78,9 @@ class MobyProperties:
     drain: DrainStep = field(default_factory=DrainStep)
 
 
-def parse(properties: Any) -> MobyProperties:
-    """Check and read the flavor properties; InvalidArgument names the bad field."""
+def parse(properties: Any, check_files: bool = True) -> MobyProperties:
+    """Check and read the flavor properties; InvalidArgument names the bad field. Healthy and Drain
+    pass ``check_files=False``: a spec file moved after the instance booted does not make it sick."""
     props = fields(properties, KEYS, "Properties")
     image = props.get("Image")
     if image is None or image == "" or image == [] or image == {}:
@@ -94,7 +95,7 @@ def parse(properties: Any) -> MobyProperties:
         paths = []
     else:
         raise InvalidArgument("Properties.Image: expected a spec path, a list of paths, or an inline spec object")
-    for p in paths:
+    for p in paths if check_files else ():
         if not Path(p).is_file():
             raise InvalidArgument(f"Properties.Image: {p}: no such spec file")
 
@@ -198,7 +199,7 @@ class MobyFlavor:
         return out
 
     def healthy(self, type: str, properties: Any, instance: Description) -> Health:
-        check = parse(properties).health
+        check = parse(properties, check_files=False).health
         iid = instance.id
         image_id = (instance.tags or {}).get(IMAGE_TAG) or _prop(instance, "Image")
         if check.mode == "running":
@@ -228,7 +229,7 @@ class MobyFlavor:
         return self._before_deadline(instance, check)
 
     def drain(self, type: str, properties: Any, instance: Description) -> None:
-        step = parse(properties).drain
+        step = parse(properties, check_files=False).drain
         if step.command:
             env = dict(os.environ, MOBYKIT_INSTANCE_ID=instance.id,
                        MOBYKIT_INSTANCE_TAGS=json.dumps(instance.tags or {}, sort_keys=True),
