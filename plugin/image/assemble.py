@@ -22,7 +22,7 @@ import yaml
 from mobykit.errors import ImageError, SpecError
 from mobykit.image.bundle import add_bundle
 from mobykit.image.cache import Cache, ImageInfo
-from mobykit.image.tree import BytesContent, Entry, Tree
+from mobykit.image.tree import Entry, FileContent, Tree
 
 KINDS = ("onboot", "services", "onshutdown")
 
@@ -76,10 +76,9 @@ def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progr
     for ref in spec.init:
         tree.graft("", unpack(ref))
     for kind in KINDS:
-        for index, entry in enumerate(getattr(spec, kind)):
+        for entry in getattr(spec, kind):
             rootfs = unpack(entry.image)
-            prefix = f"containers/{kind}/{entry.name}" if kind == "services" else f"containers/{kind}/{index:03d}-{entry.name}"
-            add_bundle(tree, prefix, entry, images[entry.image], rootfs, spec)
+            add_bundle(tree, entry.prefix, entry, images[entry.image], rootfs, spec)
     _add_files(tree, spec)
     return tree
 
@@ -95,12 +94,12 @@ def _kernel_file(kernel_tree: Tree, path: str, what: str, ref: str, required: bo
 
 def _add_kernel(tree: Tree, kernel, kernel_tree: Tree, work: Path) -> None:
     ref = kernel.image
-    binary = _kernel_file(kernel_tree, kernel.binary or "kernel", "kernel binary", ref, True)
+    binary = _kernel_file(kernel_tree, kernel.binary_name or "kernel", "kernel binary", ref, True)
     tree.add(dataclasses.replace(binary, path="boot/kernel", mode=0o644, uid=0, gid=0))
     tree.add_bytes("boot/cmdline", (kernel.cmdline or "").encode(), mode=0o644)
-    if kernel.tar and kernel.tar != "none":
+    if kernel.tar_name:
         # The default name may be absent (a kernel image without modules); a named one must exist.
-        modules = _kernel_file(kernel_tree, kernel.tar, "modules tar", ref, kernel.tar != "kernel.tar")
+        modules = _kernel_file(kernel_tree, kernel.tar_name, "modules tar", ref, kernel.tar_name != "kernel.tar")
         if modules is not None:
             from mobykit.image.layers import unpack_tar_entry
 
@@ -111,34 +110,39 @@ def _add_kernel(tree: Tree, kernel, kernel_tree: Tree, work: Path) -> None:
 
 
 def _add_files(tree: Tree, spec) -> None:
+    """The ``files`` section, LinuxKit's way: default modes 0600/0700, missing leading directories
+    made with the entry's owner and a searchable version of its mode."""
     for f in spec.files:
         path = f.path.strip("/")
-        uid, gid = f.uid or 0, f.gid or 0
+        parent = path.rpartition("/")[0]
+        missing = []
+        while parent and parent not in tree:
+            missing.append(parent)
+            parent = parent.rpartition("/")[0]
+        for d in reversed(missing):
+            tree.add_dir(d, mode=f.parent_dir_mode, uid=f.uid, gid=f.gid)
         if f.directory:
-            tree.add_dir(path, mode=f.mode if f.mode is not None else 0o755, uid=uid, gid=gid)
+            tree.add_dir(path, mode=f.effective_mode, uid=f.uid, gid=f.gid)
         elif f.symlink is not None:
-            tree.add_symlink(path, f.symlink)
-        else:
-            data = _file_contents(f, spec)
-            if data is None:
+            tree.add(Entry(path=path, type="symlink", mode=0o777, uid=f.uid, gid=f.gid, linkname=f.symlink))
+        elif f.source and not f.metadata and f.contents is None:
+            source = Path(f.source)
+            if not source.exists() and f.optional:
                 continue
-            tree.add_bytes(path, data, mode=f.mode if f.mode is not None else 0o600, uid=uid, gid=gid)
+            size = source.stat().st_size  # streamed from the file at write time, never held
+            tree.add(Entry(path=path, type="file", mode=f.effective_mode, uid=f.uid, gid=f.gid, size=size,
+                           source=FileContent(source, 0, size)))
+        else:
+            tree.add_bytes(path, _file_contents(f, spec), mode=f.effective_mode, uid=f.uid, gid=f.gid)
 
 
-def _file_contents(f, spec) -> bytes | None:
+def _file_contents(f, spec) -> bytes:
     if f.metadata:
         doc = spec.canonical()
         if f.metadata == "json":
             return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
         return yaml.safe_dump(doc, sort_keys=True, default_flow_style=False).encode()
-    if f.contents is not None:
-        return f.contents.encode() if isinstance(f.contents, str) else bytes(f.contents)
-    if f.source:
-        path = Path(f.source)
-        if not path.exists() and f.optional:
-            return None
-        return path.read_bytes()
-    return b""
+    return (f.contents or "").encode()
 
 
-__all__ = ["assemble", "local_inputs", "BytesContent"]
+__all__ = ["assemble", "local_inputs"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -25,7 +24,7 @@ from pathlib import Path
 from mobykit import __version__
 from mobykit.errors import BuildError, InvalidArgument
 from mobykit.image.assemble import assemble, local_inputs
-from mobykit.image.cache import Cache, ImageInfo, default_root
+from mobykit.image.cache import Cache, ImageInfo, default_root, host_arch
 
 # Bump when the canonical tar's layout changes, so old input keys stop matching.
 BUILD_FORMAT = 1
@@ -44,12 +43,6 @@ class BuildResult:
     def path(self, suffix: str) -> Path:
         """The output file ``NAME<suffix>`` (e.g. ``-kernel``, ``-initrd.img``, ``.tar``)."""
         return self.outdir / f"{self.name}{suffix}"
-
-
-def host_arch() -> str:
-    """The host architecture in the names OCI platforms use."""
-    machine = platform.machine().lower()
-    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
 
 
 def source_date_epoch() -> int:

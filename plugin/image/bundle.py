@@ -43,7 +43,28 @@ def add_bundle(tree: Tree, prefix: str, entry, info: ImageInfo, rootfs: Tree, sp
     tree.add_bytes(f"{prefix}/runtime.sh", runtime_script(runtime, "/" + prefix).encode(), mode=0o755)
     if readonly:
         tree.graft(f"{prefix}/rootfs", rootfs)
+        _mountpoints(tree, f"{prefix}/rootfs", config)
     else:
         tree.graft(f"{prefix}/lower", rootfs)
         tree.add_dir(f"{prefix}/tmp", mode=0o755)
         tree.add_dir(f"{prefix}/rootfs", mode=0o755)
+
+
+def _mountpoints(tree: Tree, root: str, config: dict) -> None:
+    """A read-only rootfs cannot grow the directories runc mounts onto (/dev, /proc, /sys, binds),
+    so make the missing ones at build time (for binds, only their parents). Existing paths are left alone, whatever they are: a
+    symlink is never followed here, and runc resolves it inside the container root itself."""
+    for mount in config.get("mounts", []):
+        dest = mount.get("destination", "").strip("/")
+        if not dest:
+            continue
+        parts = dest.split("/")
+        # A bind may be of a file, which needs a file to mount on: make only its parents.
+        is_bind = mount.get("type") == "bind" or {"bind", "rbind"} & set(mount.get("options", []))
+        for i in range(1, len(parts) + (0 if is_bind else 1)):
+            path = f"{root}/{'/'.join(parts[:i])}"
+            entry = tree.get(path)
+            if entry is None:
+                tree.add_dir(path, mode=0o755)
+            elif entry.type != "dir":
+                break
