@@ -193,3 +193,11 @@ def test_publish_parsing():
     assert parse_publish("127.0.0.1:53:53/udp") == ("udp", 53, 53)
     with pytest.raises(InvalidArgument):
         parse_publish("70000:80")
+
+
+def test_tags_with_markup_and_unicode_round_trip(provider):
+    tags = {"note": "<a href='x'>&amp; \"q\"</a>", "städte": "Zürich ✓", "empty": ""}
+    m = provider.create(_spec(tags))
+    assert provider.list({"städte": "Zürich ✓"})[0].tags == tags
+    provider.set_tags(m.id, {**tags, "note": "]]>"})
+    assert provider.list({})[0].tags["note"] == "]]>"
