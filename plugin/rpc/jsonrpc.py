@@ -429,9 +429,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(int(length))
         server: JsonRpcServer = self.server.owner  # type: ignore[attr-defined]
-        with server.inflight():
+        with server.inflight():  # until the reply is written: a graceful stop waits for it
             response = server.dispatcher.handle(body)
-        self._reply(200, json.dumps(response, separators=(",", ":")).encode() + b"\n")
+            self._reply(200, json.dumps(response, separators=(",", ":")).encode() + b"\n")
 
     def do_GET(self):  # noqa: N802
         self._reply(405, b'{"error": "POST JSON-RPC 2.0 to /"}')

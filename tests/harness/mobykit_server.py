@@ -245,9 +245,9 @@ def serve_process(args: list[str], config: dict[str, Any] | None = None, expect:
             cwd=work,
         )
     sp = ServeProcess(proc, work, [], err)
+    reader = threading.Thread(target=_read_addresses, args=(sp,), daemon=True)
+    reader.start()
     try:
-        reader = threading.Thread(target=_read_addresses, args=(sp,), daemon=True)
-        reader.start()
         deadline = time.monotonic() + 30
         while len(sp.addresses) < expect:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -258,6 +258,8 @@ def serve_process(args: list[str], config: dict[str, Any] | None = None, expect:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        reader.join(5)  # the pipe ends with the process
+        proc.stdout.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
