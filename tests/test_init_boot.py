@@ -1,0 +1,228 @@
+"""The guest init, booted for real: Debian's cloud kernel under qemu TCG, an initrd assembled by
+tests/harness/guestkit.py from busybox, runc, the init package and hand-written OCI bundles.
+
+Each scenario boots once (module-scoped fixture), lives through its whole life - boot, readiness,
+an HTTP request from the host, the ACPI power button, onshutdown, qemu exiting - and the tests
+below then check one promise each against what the console showed."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from dataclasses import dataclass
+
+import pytest
+from harness import guestkit as gk
+
+from mobykit.run.cidata import make_iso
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+IMAGE_ID = "sha256:" + "5e" * 32
+BOOT_TIMEOUT = 150
+
+# Values the sysctl package must leave in the guest (KSPP recommendations the kernel supports).
+SYSCTLS = {
+    "kernel/kptr_restrict": "2",
+    "kernel/dmesg_restrict": "1",
+    "kernel/unprivileged_bpf_disabled": "1",
+    "net/core/bpf_jit_harden": "2",
+    "kernel/yama/ptrace_scope": "2",
+    "kernel/kexec_load_disabled": "1",
+    "dev/tty/ldisc_autoload": "0",
+    "fs/protected_symlinks": "1",
+    "fs/protected_hardlinks": "1",
+    "fs/protected_fifos": "2",
+    "fs/protected_regular": "2",
+    "fs/suid_dumpable": "0",
+    "net/ipv4/conf/all/accept_redirects": "0",
+    "net/ipv4/conf/all/send_redirects": "0",
+    "net/ipv4/conf/all/rp_filter": "1",
+    "net/ipv4/conf/default/accept_redirects": "0",
+}
+
+USERDATA_SCRIPT = """#!/bin/sh
+echo "userdata: ran hostname=$(hostname) provider=$(cat /run/config/provider)"
+echo "userdata: host mnt=$(readlink /proc/1/ns/mnt) pidns=$(readlink /proc/1/ns/pid)"
+for k in SYSCTL_KEYS; do echo "sysctl: $k=$(cat /proc/sys/$k)"; done
+if touch /rootfile 2>/dev/null; then echo "userdata: root=rw"; else echo "userdata: root=ro"; fi
+[ -e /run/netns/rw ] && echo "userdata: bindns=present"
+ip link show veth-h >/dev/null 2>&1 && echo "userdata: veth-h=in-root"
+""".replace("SYSCTL_KEYS", " ".join(SYSCTLS))
+
+
+@dataclass
+class Run:
+    console: str
+    http_body: bytes | None
+    exit_code: int
+    ready_at: int  # offset of the readiness line in the console text
+    shutdown_at: int
+
+
+def _boot_scenario(build, *, append: str = "", user_data: str | None = None, meta_data: str = "",
+                   http: bool = False, ready: str = r"^mobykit: (not )?ready .*$") -> Run:
+    parts = gk.parts()
+    with gk.workdir() as w:
+        img = gk.GuestImage(w, parts)
+        build(img)
+        initrd = img.write_initrd(w / "initrd.gz")
+        iso = make_iso(w / "cidata.iso", user_data, meta_data) if user_data is not None else None
+        with gk.boot(parts.kernel, initrd, w, append=append, cdrom=iso, http=http) as g:
+            m = g.wait_for(ready, BOOT_TIMEOUT)
+            body = None
+            if http:
+                with urllib.request.urlopen(f"http://127.0.0.1:{g.http_port}/", timeout=30) as r:
+                    body = r.read()
+            g.powerdown()
+            code = g.wait_exit(90)
+            text = g.text()
+            shutdown = text.find("mobykit: shutdown (poweroff)")
+            return Run(text, body, code, m.start(), shutdown)
+
+
+@pytest.fixture(scope="module")
+def good() -> Run:
+    """Everything working: onboot probes, the sysctl package, a writable bundle with a veth pair
+    and a bound netns, an httpd service, an onshutdown container and a user-data script."""
+
+    def build(img: gk.GuestImage) -> None:
+        img.add_system(image_id=IMAGE_ID)
+        img.add_bundle("onboot", "000-probe", gk.oci_config(["/bin/sh", "-c", (
+            'echo "probe: capeff=$(grep CapEff /proc/self/status | cut -f2) pid=$$'
+            ' mnt=$(readlink /proc/self/ns/mnt) pidns=$(readlink /proc/self/ns/pid)";'
+            ' if touch /x 2>/dev/null; then echo probe: rootfs=rw; else echo probe: rootfs=ro; fi')],
+            caps=["CAP_CHOWN", "CAP_NET_BIND_SERVICE"], hostname="probe"))
+        img.add_bundle("onboot", "001-sysctl", gk.oci_config(
+            ["/usr/bin/mobykit-sysctl"], caps=["CAP_SYS_ADMIN", "CAP_SYS_PTRACE"], namespaces=("pid", "mount", "ipc", "uts"),
+            rw_proc_sys=True), extra_roots=[gk.SYSCTL_ROOTFS])
+        img.add_bundle("onboot", "002-rw", gk.oci_config(["/bin/sh", "-c", (
+            'echo data > /written && echo "rw: wrote=$(cat /written) links=$(ls /sys/class/net | tr "\\n" " ")"')],
+            readonly=False), runtime={"interfaces": [{"name": "veth-c", "peer": "veth-h"}],
+                                      "bindNS": {"net": "/run/netns/rw"}, "mkdir": ["/var/lib/rwtest"]})
+        img.add_bundle("services", "web", gk.oci_config(
+            ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"], caps=["CAP_NET_BIND_SERVICE"],
+            namespaces=("pid", "mount", "ipc", "uts")), files={"www/index.html": "hello from mobykit\n"})
+        img.add_bundle("onshutdown", "000-bye", gk.oci_config(["/bin/echo", "bye: onshutdown ran"]))
+
+    return _boot_scenario(build, user_data=USERDATA_SCRIPT, meta_data="instance-id: i-1\nlocal-hostname: guest-a\n",
+                          http=True)
+
+
+@pytest.fixture(scope="module")
+def failing() -> Run:
+    """Things going wrong: an onboot container exits 3, a service keeps crashing; user data in
+    LinuxKit's JSON form; no image id in the image."""
+
+    def build(img: gk.GuestImage) -> None:
+        img.add_system(image_id=None)
+        img.add_bundle("onboot", "000-fail", gk.oci_config(["/bin/sh", "-c", "echo fail: about to fail; exit 3"]))
+        config = gk.oci_config(["/bin/sh", "-c", (
+            'echo "config: key=$(cat /config/ssh/authorized_keys) perm=$(stat -c %a /config/ssh/authorized_keys)'
+            ' host=$(cat /config/hostname) raw=$(head -c 1 /config/userdata)"')])
+        config["mounts"].append({"destination": "/config", "type": "bind", "source": "/run/config", "options": ["rbind", "ro"]})
+        img.add_bundle("onboot", "001-config", config, files={"config/.keep": ""})
+        img.add_bundle("services", "crash", gk.oci_config(["/bin/sh", "-c", "echo crash: starting; exit 7"]))
+
+    user_data = json.dumps({
+        "ssh": {"entries": {"authorized_keys": {"content": "ssh-ed25519 AAAAtestkey user@host\n", "perm": "0600"}}},
+        "hostname": {"content": "json-host"},
+    })
+    return _boot_scenario(build, user_data=user_data, ready=r"^mobykit: (not )?ready .*$\n(.|\n)*restart in 2s")
+
+
+# --- the good path -------------------------------------------------------------------------------
+
+def test_readiness_line_names_the_image_once(good):
+    assert re.findall(r"^mobykit: (?:not )?ready.*$", good.console, re.M) == [f"mobykit: ready {IMAGE_ID}"]
+
+
+def test_onboot_output_precedes_readiness(good):
+    for marker in ("probe: capeff=", "sysctl: applied", "rw: wrote=data", "userdata: ran"):
+        at = good.console.find(marker)
+        assert 0 <= at < good.ready_at, f"{marker!r} not on the console before the readiness line"
+
+
+def test_onboot_container_has_exactly_the_capabilities_granted(good):
+    # CAP_CHOWN (0) and CAP_NET_BIND_SERVICE (10): 0x401, nothing else
+    assert re.search(r"^probe: capeff=0000000000000401 ", good.console, re.M), good.console
+
+
+def test_onboot_container_has_its_own_pid_and_mount_namespaces(good):
+    probe = re.search(r"^probe: .* pid=(\d+) mnt=(\S+) pidns=(\S+)$", good.console, re.M)
+    host = re.search(r"^userdata: host mnt=(\S+) pidns=(\S+)$", good.console, re.M)
+    assert probe and host, good.console
+    assert probe.group(1) == "1"
+    assert probe.group(2) != host.group(1)
+    assert probe.group(3) != host.group(2)
+
+
+def test_root_filesystems_are_read_only(good):
+    assert "probe: rootfs=ro" in good.console
+    assert "userdata: root=ro" in good.console
+
+
+def test_writable_bundle_gets_an_overlay_and_runtime_extras(good):
+    rw = re.search(r"^rw: wrote=data links=(.*)$", good.console, re.M)
+    assert rw, good.console
+    assert "veth-c" in rw.group(1).split()
+    assert "eth0" not in rw.group(1).split()  # its own network namespace
+    assert "userdata: bindns=present" in good.console
+    assert "userdata: veth-h=in-root" in good.console
+
+
+def test_sysctl_package_hardens_the_kernel(good):
+    seen = dict(re.findall(r"^sysctl: (\S+)=(\S*)$", good.console, re.M))
+    assert seen == SYSCTLS
+    assert not re.search(r"^sysctl: cannot set", good.console, re.M)
+
+
+def test_user_data_script_runs_with_cidata_hostname(good):
+    assert re.search(r"^userdata: ran hostname=guest-a provider=cidata$", good.console, re.M), good.console
+
+
+def test_service_answers_http_from_the_host(good):
+    assert good.http_body == b"hello from mobykit\n"
+
+
+def test_power_button_runs_onshutdown_and_powers_off(good):
+    assert good.shutdown_at > good.ready_at
+    bye = good.console.find("bye: onshutdown ran")
+    assert bye > good.shutdown_at
+    assert good.exit_code == 0
+
+
+def test_no_service_failures_on_the_good_path(good):
+    assert not re.search(r"^mobykit: (onboot|service) ", good.console, re.M)
+
+
+# --- failures --------------------------------------------------------------------------------
+
+def test_failed_onboot_is_named_with_its_status(failing):
+    assert "mobykit: onboot fail failed: exit 3" in failing.console
+    lines = re.findall(r"^mobykit: (?:not )?ready.*$", failing.console, re.M)
+    assert lines == ["mobykit: not ready sha256:unknown (onboot fail failed)"]
+
+
+def test_boot_carries_on_after_a_failed_onboot(failing):
+    assert failing.console.find("fail: about to fail") < failing.console.find("config: key=")
+
+
+def test_json_user_data_becomes_files(failing):
+    m = re.search(r"^config: key=(.*) perm=(\d+) host=(\S+) raw=(.)$", failing.console, re.M)
+    assert m, failing.console
+    assert m.groups() == ("ssh-ed25519 AAAAtestkey user@host", "600", "json-host", "{")
+
+
+def test_crashing_service_is_restarted_with_backoff(failing):
+    before = failing.console[: failing.shutdown_at]
+    exits = re.findall(r"^mobykit: service crash exited: exit 7 \(restart in (\d+)s\)$", before, re.M)
+    assert exits[:2] == ["1", "2"]
+    assert before.count("crash: starting") >= 2
+
+
+def test_no_restarts_after_shutdown(failing):
+    after = failing.console[failing.shutdown_at:]
+    assert "service crash exited" not in after
+    assert failing.exit_code == 0
