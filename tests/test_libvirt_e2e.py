@@ -8,10 +8,14 @@ qemu process, no volume and no file behind.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +27,7 @@ from mobykit.core.instance import InstanceCore  # noqa: E402
 from mobykit.flavor.moby import IMAGE_TAG, MobyFlavor  # noqa: E402
 from mobykit.providers.base import BootImage, MachineSpec  # noqa: E402
 from mobykit.providers.libvirt import LibvirtProvider  # noqa: E402
-from mobykit.spi.types import Health  # noqa: E402
+from mobykit.spi.types import Health, Spec  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +65,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def scratch():
+    with tempfile.TemporaryDirectory(prefix="mobykit-e2e-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
 def provider(libvirtd_session):  # noqa: F811
     p = LibvirtProvider(libvirtd_session.config)
     yield p
@@ -82,20 +92,32 @@ def provider(libvirtd_session):  # noqa: F811
     assert not libvirtd_session.pool_path.exists()
 
 
-def test_two_vms_boot_become_healthy_are_labelled_and_leave_nothing(provider, boot_files, libvirtd_session):  # noqa: F811
+def _store_image(cache_root, boot) -> str:
+    """Put the hand-made kernel+initrd where the built-image store keeps images (its documented
+    layout <cache>/images/<hex>/{kernel,initrd.img,cmdline,image.json}), so the core finds it by id."""
+    where = cache_root / "images" / boot.image_id.removeprefix("sha256:")
+    where.mkdir(parents=True)
+    shutil.copyfile(boot.kernel, where / "kernel")
+    shutil.copyfile(boot.initrd, where / "initrd.img")
+    (where / "cmdline").write_text(boot.cmdline + "\n")
+    (where / "image.json").write_text(json.dumps({"id": boot.image_id, "name": "e2e"}))
+    return boot.image_id
+
+
+def test_two_vms_boot_become_healthy_are_labelled_and_leave_nothing(provider, boot_files, libvirtd_session, scratch):  # noqa: F811
     image = BootImage(id=boot_files.image_id, name="e2e", kernel=boot_files.kernel, initrd=boot_files.initrd,
                       cmdline=boot_files.cmdline)
-    provider.publish_image(image, {})
-    provider.publish_image(image, {})  # idempotent
-    core = InstanceCore({"providers": {"libvirt": libvirtd_session.config}}, providers={"libvirt": provider})
+    _store_image(scratch / "cache", boot_files)
+    core = InstanceCore({"providers": {"libvirt": libvirtd_session.config}, "cache": str(scratch / "cache")},
+                        providers={"libvirt": provider})
     flavor = MobyFlavor({"providers": {"libvirt": {}}}, instances=core)
     port = free_port()
     tags = {"infrakit.group": "e2e", IMAGE_TAG: image.id}
-    ids = [
-        provider.create(MachineSpec(properties={"Image": image.id}, tags=tags, user_data="echo one")).id,
-        provider.create(MachineSpec(properties={"Image": image.id, "Publish": [f"{port}:80"], "Memory": 384},
-                                    tags=tags, user_data="", logical_id="db-0")).id,
-    ]
+    # the first goes the whole way: core -> store.get -> publish_image (uploads) -> create
+    ids = [core.provision("libvirt", Spec(properties={"Image": image.id}, tags=tags, init="echo one"))]
+    assert provider.publish_image(image, {}) == provider.publish_image(image, {})  # idempotent
+    ids.append(provider.create(MachineSpec(properties={"Image": image.id, "Publish": [f"{port}:80"], "Memory": 384},
+                                           tags=tags, user_data="", logical_id="db-0")).id)
     assert ids == sorted(ids)
     described = core.describe_instances("libvirt", {"infrakit.group": "e2e"}, True)
     assert [d.id for d in described] == ids  # listed with tags as soon as create returned
