@@ -236,7 +236,13 @@ class ImagesService(pbg.ImagesServicer):
                 p = Path(tmp) / f"spec_yaml[{i}].yml"  # the name shows up in SpecError messages
                 p.write_text(text)
                 paths.append(str(p))
-            image = store.build_and_store(paths, pull=req.pull, **self._cache_kwargs())
+            try:
+                image = store.build_and_store(paths, pull=req.pull, **self._cache_kwargs())
+            except Exception as e:
+                # Name inline specs as the request does (spec_yaml[0].yml:3: ...), not by a temp path.
+                if e.args and isinstance(e.args[0], str):
+                    e.args = (e.args[0].replace(f"{tmp}/", ""), *e.args[1:])
+                raise
         return c.image_to_pb(image)
 
     @rpc

@@ -232,7 +232,7 @@ def serve_process(args: list[str], config: dict[str, Any] | None = None, expect:
     work = Path(tempfile.mkdtemp(prefix="mobykit-serve-"))
     cfg = work / "config.yml"
     cfg.write_text(yaml.safe_dump(config or {"default_provider": "memory", "providers": {"memory": {}}}))
-    env = dict(os.environ, HOME=str(work / "home"), INFRAKIT_PLUGINS_DIR=str(work / "plugins"))
+    env = dict(os.environ, HOME=str(work / "home"), INFRAKIT_PLUGINS_DIR=str(work / "plugins"), MOBYKIT_CACHE=str(work / "cache"))
     env.pop("MOBYKIT_CONFIG", None)
     err = work / "stderr.log"
     with open(err, "w") as errf:
