@@ -368,7 +368,6 @@ class LibvirtProvider:
                     while chunk := fh.read(1 << 20):
                         digest.update(chunk)
                 digest.update(b"\0")
-            image = image or None
             boot = BootImage(id="sha256:" + digest.hexdigest(), name=kernel.name, kernel=kernel, initrd=initrd,
                              cmdline=cmdline)
             self.publish_image(boot, props)
