@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from mobykit.image.cpio import write_newc
 from mobykit.image.tree import BytesContent, Entry, FileContent, Tree
 

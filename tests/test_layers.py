@@ -25,6 +25,7 @@ from harness.tarlayers import (
     tar_bytes,
     whiteout,
 )
+
 from mobykit.errors import ImageError
 from mobykit.image.cache import Cache
 from mobykit.image.layers import Limits, unpack_image, unpack_tar_entry
@@ -235,3 +236,19 @@ def test_unknown_media_type_is_refused(cache, work):
     image = add_image(cache, [(tar_bytes(f("a")), "application/vnd.oci.image.config.v1+json")])
     with pytest.raises(ImageError, match="unsupported layer media type"):
         unpack_image(cache, image, work)
+
+
+def test_flattened_tar_does_not_depend_on_compression_or_work_dir(cache, tmp_path):
+    import io
+
+    from mobykit.image.tree import write_tar
+
+    lower = tar_bytes(f("etc/a", b"A" * 1000, uid=3), hl("etc/b", "etc/a"), sym("lib", "usr/lib"), d("usr/lib"))
+    upper = tar_bytes(whiteout("etc/a"), f("etc/c", b"C"))
+    tars = set()
+    for i, kind in enumerate(("gzip", "zstd", "plain")):
+        tree = unpack_image(cache, image_of(cache, lower, upper, kind=kind, ref=f"r/{kind}:1"), tmp_path / f"w{i}")
+        buf = io.BytesIO()
+        write_tar(tree, buf, 0)
+        tars.add(buf.getvalue())
+    assert len(tars) == 1

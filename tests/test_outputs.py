@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+
 from mobykit.errors import BuildError
 from mobykit.image.outputs import FORMATS, OutputContext
 from mobykit.image.tree import Entry, Tree, write_tar

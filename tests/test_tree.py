@@ -11,6 +11,7 @@ import subprocess
 import tarfile
 
 import pytest
+
 from mobykit.errors import BuildError
 from mobykit.image.tree import BytesContent, Entry, FileContent, Tree, read_tar, write_tar
 

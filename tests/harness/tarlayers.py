@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import zstandard
+
 from mobykit.image.cache import Cache, ImageInfo, Layer
 
 GZIP_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
