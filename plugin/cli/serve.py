@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from mobykit.errors import InvalidArgument
+from mobykit.rpc.plugins import DEFAULT_ADDRESS as DEFAULT_LISTEN  # light: imports no grpc
 
 log = logging.getLogger("mobykit.serve")
-
-DEFAULT_LISTEN = "unix:" + str(Path("~/.mobykit/mobykit.sock").expanduser())
 
 
 def register(subparsers) -> None:

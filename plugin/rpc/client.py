@@ -5,7 +5,8 @@
 an in-process plugin and a remote server. Server statuses come back as mobykit's errors
 (NOT_FOUND -> NotFound, ...), so callers handle one family of exceptions.
 
-Address: ``--server`` or ``$MOBYKIT_SERVER``; ``unix:PATH``, ``tcp://HOST:PORT`` or ``HOST:PORT``.
+Address: ``--server`` or ``$MOBYKIT_SERVER``, else the socket ``mobykit serve`` listens on by default
+(``~/.mobykit/mobykit.sock``); ``unix:PATH``, ``tcp://HOST:PORT`` or ``HOST:PORT``.
 TLS for TCP comes from ``tls=`` or ``$MOBYKIT_TLS_CA``, ``$MOBYKIT_TLS_CERT``, ``$MOBYKIT_TLS_KEY``.
 """
 
@@ -23,6 +24,7 @@ from mobykit import errors
 from mobykit.rpc import convert as c
 from mobykit.rpc.gen import mobykit_pb2 as pb
 from mobykit.rpc.gen import mobykit_pb2_grpc as pbg
+from mobykit.rpc.plugins import DEFAULT_ADDRESS
 from mobykit.spi.group import GroupDescription, GroupSpec
 from mobykit.spi.types import Allocation, Description, DestroyReason, Health, Index, Spec
 
@@ -235,9 +237,10 @@ def _env_tls() -> ClientTLS | None:
 
 
 def connect(address: str | None = None, *, tls: ClientTLS | None = None, timeout: float | None = 30.0) -> Clients:
-    """Clients for the server at ``address`` (default ``$MOBYKIT_SERVER``). The channel connects
+    """Clients for the server at ``address`` (default ``$MOBYKIT_SERVER``, else DEFAULT_ADDRESS). The channel connects
     lazily: an unreachable server shows up as Unavailable on the first call, naming the address."""
-    address = address or os.environ.get(ENV_SERVER, "")
+    if address is None:
+        address = os.environ.get(ENV_SERVER) or DEFAULT_ADDRESS
     tgt, tcp = target(address)
     tls = tls or (_env_tls() if tcp else None)
     if tcp and tls is not None:

@@ -4,9 +4,13 @@ JSON-RPC side and the in-process benchmark stay light)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mobykit.errors import InvalidArgument, MobykitError
+
+# Where ``mobykit serve`` listens when not told, and so where clients look when not told.
+DEFAULT_ADDRESS = "unix:" + str(Path("~/.mobykit/mobykit.sock").expanduser())
 
 
 class Unimplemented(MobykitError):
