@@ -113,3 +113,46 @@ def test_tar_output_is_the_canonical_tar(tmp_path):
     assert os.listdir(ctx.outdir) == ["moby.tar"]
     # building again over an existing output replaces it
     assert FORMATS["tar"](ctx) == [ctx.outdir / "moby.tar"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kernel_initrd_boots_and_the_kernel_unpacks_our_cpio(tmp_path):
+    """The real consumer of the initrd: Linux's initramfs unpacker (hard links with the data on
+    the last member, a device node, symlinks), booted under qemu TCG."""
+    from harness import guestkit as gk
+
+    from mobykit.image.tree import FileContent
+
+    parts = gk.parts()
+    tree = Tree()
+    kernel_size = parts.kernel.stat().st_size
+    tree.add(Entry("boot/kernel", "file", 0o644, size=kernel_size, source=FileContent(parts.kernel, 0, kernel_size)))
+    tree.add_bytes("boot/cmdline", b"console=ttyS0")
+    bb = gk.BUSYBOX.stat().st_size
+    tree.add(Entry("usr/bin/busybox", "file", 0o755, size=bb, source=FileContent(gk.BUSYBOX, 0, bb)))
+    for name in ("sh", "cat", "stat", "readlink", "poweroff", "mount"):
+        tree.add(Entry(f"bin/{name}", "hardlink", 0, linkname="usr/bin/busybox"))
+    tree.add(Entry("dev/console", "char", 0o600, devmajor=5, devminor=1))
+    tree.add_dir("proc")
+    tree.add_symlink("lib64", "usr/lib")
+    tree.add_bytes("etc/marker", b"canonical-cpio")
+    tree.add_bytes("init", (
+        b"#!/bin/sh\n"
+        b"mount -t proc proc /proc\n"
+        b'echo "INITRD-OK $(cat /etc/marker) $(stat -c %i /bin/sh)=$(stat -c %i /usr/bin/busybox)'
+        b' $(stat -c %h /bin/cat) $(readlink /lib64) $(stat -c %t:%T /dev/console)"\n'
+        b"poweroff -f\n"
+    ), mode=0o755)
+    tar = tmp_path / "c.tar"
+    with open(tar, "wb") as out:
+        image_id = "sha256:" + write_tar(tree, out, MTIME)
+    ctx = _ctx(tmp_path, tar, image_id)
+    FORMATS["kernel+initrd"](ctx)
+    with gk.boot(ctx.outdir / "moby-kernel", ctx.outdir / "moby-initrd.img", tmp_path, http=False) as guest:
+        m = guest.wait_for(r"INITRD-OK (\S+) (\d+)=(\d+) (\d+) (\S+) (\S+)", 150)
+        assert m.group(1) == "canonical-cpio"
+        assert m.group(2) == m.group(3)  # one inode: the kernel rebuilt the hard link
+        assert m.group(4) == "7"  # busybox + 6 links
+        assert m.group(5) == "usr/lib" and m.group(6) == "5:1"
+        assert guest.wait_exit(60) == 0
