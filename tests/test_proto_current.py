@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 from mobykit.rpc import generate
@@ -15,7 +16,16 @@ def test_generated_code_is_current(tmp_path):
     current = {p.name: p.read_bytes() for p in committed.glob("*.py")}
     assert set(current) == set(fresh), "plugin/rpc/gen has files protoc no longer writes (or misses some)"
     stale = [name for name in sorted(fresh) if fresh[name] != current[name]]
-    assert not stale, f"plugin/rpc/gen is stale ({', '.join(stale)}): run .venv/bin/python -m mobykit.rpc.generate"
+    hint = ""
+    if stale:
+        # protoc stamps its own version into the output: a different grpcio-tools differs too.
+        from importlib.metadata import version
+
+        committed_by = re.search(rb"GRPC_GENERATED_VERSION = '([^']+)'", current["mobykit_pb2_grpc.py"])
+        installed = version("grpcio-tools")
+        if committed_by and committed_by.group(1).decode() != installed:
+            hint = f" (committed by grpcio-tools {committed_by.group(1).decode()}, installed {installed})"
+    assert not stale, f"plugin/rpc/gen is stale ({', '.join(stale)}){hint}: run .venv/bin/python -m mobykit.rpc.generate"
 
 
 def test_generated_modules_import_as_mobykit_rpc_gen():
