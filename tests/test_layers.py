@@ -167,6 +167,7 @@ HOSTILE = {
     "world-writable-setuid": (lambda: tar_bytes(f("bin/su", b"x", mode=0o4777)), None, "world-writable setuid", "bin/su"),
     "sparse": (_sparse_member, None, "unsupported tar member type", "sparse"),
     "long-path": (lambda: _raw_with_name("a/" * 40 + "x"), Limits(max_path=64), "longer than 64 bytes", None),
+    "long-component": (lambda: _raw_with_name("dir/" + "n" * 256), None, "longer than 255 bytes", "dir/" + "n" * 256),
     "too-many-entries": (lambda: tar_bytes(*[f(f"f{i}") for i in range(50)]), Limits(max_entries=20), "max_entries", None),
     "ratio-bomb": (lambda: tar_bytes(f("zeros", bytes(8 << 20))), Limits(max_ratio=100, ratio_floor=1 << 20), "max_ratio", None),
     "size-bomb": (lambda: tar_bytes(f("big", bytes(3 << 20))), Limits(max_total_bytes=2 << 20), "beyond the limit", None),

@@ -20,7 +20,7 @@ Refused, with ImageError(image, layer, path):
   but a world-writable one is either broken or a planted privilege escalation, so we refuse it;
 - decompression bombs: more uncompressed bytes than Limits.max_total_bytes for the image, a layer
   expanding more than max_ratio times its compressed size (once past ratio_floor), more than
-  max_entries entries, or a path/link name longer than max_path bytes;
+  max_entries entries, or a path/link name longer than max_path bytes (or a component > 255);
 - a blob whose sha256 is not its digest, truncated or corrupt compression or tar data.
 """
 
@@ -43,6 +43,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+NAME_MAX = 255  # Linux's limit on one path component: longer ones could never be unpacked at boot
 
 # Layer media types we unpack, and the compression each one declares. The magic bytes decide
 # which decompressor runs (as containerd does); the digest check makes the content trustworthy,
@@ -253,6 +254,8 @@ def _norm(name: str, where: _Where, entry: str | None = None) -> str:
         what = f"link target {name!r}" if entry is not None else "path"
         raise where.error(f"{what} escapes the root ('..' component)", path=entry or name)
     path = "/".join(parts)
+    if any(len(p.encode("utf-8", "surrogateescape")) > NAME_MAX for p in parts):
+        raise where.error(f"a path component is longer than {NAME_MAX} bytes", path=entry or name)
     if len(path.encode("utf-8", "surrogateescape")) > where.limits.max_path:
         raise where.error(f"path longer than {where.limits.max_path} bytes", path=name[:200] + "...")
     return path
