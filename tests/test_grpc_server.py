@@ -387,3 +387,27 @@ def test_client_reports_an_unreachable_server_by_address(tmp_path):
             c.instance.describe_instances("", {})
     with pytest.raises(errors.InvalidArgument, match="MOBYKIT_SERVER"):
         connect("")
+
+
+def test_libvirt_test_driver_behind_the_server():
+    """The real libvirt provider (libvirt's in-process test:///default driver) behind gRPC:
+    Type selects it, unknown property keys are named, tags and labels round-trip, destroy is idempotent."""
+    pytest.importorskip("libvirt")
+    from mobykit.core.instance import InstanceCore
+    from mobykit.rpc.plugins import Plugins
+
+    core = InstanceCore({"providers": {"libvirt": {"URI": "test:///default", "Pool": "mobykit-rpc-test"}}})
+    with grpc_server(Plugins(instance=core)) as (_, bound, _tmp), connect(bound[0]) as c:
+        with pytest.raises(errors.InvalidArgument, match="Bogus"):
+            c.instance.validate("libvirt", {"Bogus": 1})
+        props = {"Kernel": "/boot/k", "Initrd": "/boot/i", "Memory": 128}
+        iid = c.instance.provision("libvirt", Spec(properties=props, tags={"rpc-test": "1"}))
+        try:
+            (d,) = c.instance.describe_instances("libvirt", {"rpc-test": "1"}, True)
+            assert d.id == iid and d.properties["State"] in ("pending", "running")
+            c.instance.label("libvirt", iid, {"extra": "x"})
+            assert c.instance.describe_instances("libvirt", {"extra": "x"})[0].tags == {"rpc-test": "1", "extra": "x"}
+        finally:
+            c.instance.destroy("libvirt", iid)
+        c.instance.destroy("libvirt", iid)
+        assert c.instance.describe_instances("libvirt", {"rpc-test": "1"}) == []
