@@ -231,6 +231,10 @@ def test_digest_mismatch_is_refused_and_leaves_nothing(cache, work):
         unpack_image(cache, image, work)
     assert err.value.layer == image.layers[0].digest
     assert list(work.iterdir()) == []
+    path.write_bytes(b"\x1f\x8b not gzip at all")  # tampered and undecodable: still named as tampering
+    with pytest.raises(ImageError, match="digest mismatch"):
+        unpack_image(cache, image, work)
+    assert list(work.iterdir()) == []
 
 
 def test_unknown_media_type_is_refused(cache, work):

@@ -218,7 +218,15 @@ def decompress_layer(blob: BinaryIO, digest: str, compressed_size: int, dest: Pa
                     )
                 out.write(data)
 
-            _DECOMPRESS[kind](_Prefixed(head, src), emit, where)
+            try:
+                _DECOMPRESS[kind](_Prefixed(head, src), emit, where)
+            except ImageError:
+                # a tampered blob is reported as such, not as whatever its bytes broke
+                while src.read(CHUNK):
+                    pass
+                if src.sha.hexdigest() != expected:
+                    raise where.error(f"digest mismatch: blob content is sha256:{src.sha.hexdigest()}") from None
+                raise
             while src.read(CHUNK):  # hash whatever follows the compressed stream
                 pass
         if src.sha.hexdigest() != expected:
