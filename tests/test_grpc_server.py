@@ -411,3 +411,23 @@ def test_libvirt_test_driver_behind_the_server():
             c.instance.destroy("libvirt", iid)
         c.instance.destroy("libvirt", iid)
         assert c.instance.describe_instances("libvirt", {"rpc-test": "1"}) == []
+
+
+def test_a_refused_listen_leaves_no_socket_behind(tmp_path):
+    import socket as socketlib
+
+    busy = socketlib.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        listens = [rpc_server.Listen.parse(f"unix:{tmp_path}/a.sock"), rpc_server.Listen.parse(f"tcp://127.0.0.1:{port}")]
+        with pytest.raises(errors.InvalidArgument, match=f"127.0.0.1:{port}"):
+            rpc_server.make_server(memory_plugins(), listens, insecure=True)
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(errors.InvalidArgument, match="not a socket"):
+            (tmp_path / "file").write_text("x")
+            rpc_server.make_server(memory_plugins(), [rpc_server.Listen.parse(f"unix:{tmp_path}/file")])
+        assert (tmp_path / "file").read_text() == "x"
+    finally:
+        busy.close()

@@ -369,20 +369,29 @@ def make_server(
         except OSError as e:
             raise InvalidArgument(f"{e.filename}: cannot read TLS file: {e.strerror}") from None
     bound = []
-    with private_umask():
-        for listen in listens:
-            if listen.kind == "unix":
-                clear_stale_socket(Path(listen.target))
-                server.add_insecure_port(f"unix:{listen.target}")
-                bound.append(str(listen))
-                continue
-            if creds is not None:
-                port = _add_port(server.add_secure_port, listen, creds)
-            else:
-                port = _add_port(server.add_insecure_port, listen)
-            host = listen.target.rpartition(":")[0]
-            bound.append(f"tcp://{host}:{port}")
-        server.start()
+    made: list[Path] = []
+    try:
+        with private_umask():
+            for listen in listens:
+                if listen.kind == "unix":
+                    clear_stale_socket(Path(listen.target))
+                    made.append(Path(listen.target))
+                    _add_port(server.add_insecure_port, listen, target=f"unix:{listen.target}")
+                    bound.append(str(listen))
+                    continue
+                if creds is not None:
+                    port = _add_port(server.add_secure_port, listen, creds)
+                else:
+                    port = _add_port(server.add_insecure_port, listen)
+                host = listen.target.rpartition(":")[0]
+                bound.append(f"tcp://{host}:{port}")
+            server.start()
+    except BaseException:
+        # One address failed: release the others, so a refused start leaves no socket behind.
+        server.stop(None)
+        for path in made:
+            path.unlink(missing_ok=True)
+        raise
     for listen in listens:
         if listen.kind == "unix":
             os.chmod(listen.target, 0o600)
@@ -391,9 +400,9 @@ def make_server(
     return server, bound
 
 
-def _add_port(add, listen: Listen, *creds) -> int:
+def _add_port(add, listen: Listen, *creds, target: str | None = None) -> int:
     try:
-        port = add(listen.target, *creds)
+        port = add(target or listen.target, *creds)
     except RuntimeError as e:
         raise InvalidArgument(f"--listen {listen}: cannot bind: {e}") from None
     if not port:
