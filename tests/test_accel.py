@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+
 from mobykit.errors import InvalidArgument
 from mobykit.run import accel
 
-DEBS = Path(__file__).resolve().parent.parent / ".cache" / "debs"
+ROOT = Path(__file__).resolve().parent.parent
+DEBS = ROOT / ".cache" / "debs"
 
 
 @pytest.fixture
@@ -20,9 +22,14 @@ def probe_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MOBYKIT_DEB_CACHE", str(DEBS))
     monkeypatch.delenv("MOBYKIT_ACCEL", raising=False)
     monkeypatch.delenv("MOBYKIT_ACCEL_KERNEL", raising=False)
+    if not list(DEBS.glob("linux-image-*-amd64_*.deb")):
+        # first run on a fresh checkout: fetch the kernel .deb the kernel recipe uses (once)
+        from mobykit.pkg import apt, build, recipe
+
+        _, kpkg = build.resolve_packages(recipe.load(ROOT / "specs" / "pkgs" / "kernel"), DEBS / "resolved.json")
+        apt.download(kpkg, DEBS)
     kernel = accel.find_probe_kernel()
-    if kernel is None:
-        pytest.skip("no Linux kernel to probe with (run tests/test_pkg.py first to cache the kernel .deb)")
+    assert kernel is not None and kernel.is_file()
     return kernel
 
 

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from mobykit.errors import InvalidArgument
 from mobykit.run.cidata import make_iso
 

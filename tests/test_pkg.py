@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from mobykit.errors import SpecError
 from mobykit.image.cache import Cache
 from mobykit.pkg import build as pkgbuild
