@@ -43,10 +43,10 @@ lint: venv
 
 # Generated protobuf/gRPC code is committed; `make proto` regenerates it, `make proto-check` fails when stale.
 proto: venv
-	$(BIN)/python proto/generate.py
+	$(BIN)/python -m mobykit.rpc.generate
 
 proto-check: venv
-	$(BIN)/python proto/generate.py --check
+	$(BIN)/pytest -q tests/test_proto_current.py
 
 test: setup
 	$(BIN)/ruff check .

@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from harness.mobykit_server import UnixHTTPConnection, grpc_server, jsonrpc_server, memory_plugins, post_raw  # noqa: E402
-
 from mobykit.rpc.client import connect  # noqa: E402
 from mobykit.spi.types import Spec  # noqa: E402
 

@@ -12,8 +12,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from harness.images import SPEC, Layer, put_image, standard_images
 
+from harness.images import SPEC, Layer, put_image, standard_images
 from mobykit.errors import ImageError, SpecError
 from mobykit.image import outputs
 from mobykit.image.build import build

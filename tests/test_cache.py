@@ -8,8 +8,8 @@ import os
 import subprocess
 
 import pytest
-from harness.registry import layer_tar
 
+from harness.registry import layer_tar
 from mobykit.errors import CacheMiss, ImageError
 from mobykit.image.cache import REF_NAME, Cache, default_root
 from mobykit.image.progress import Progress

@@ -356,7 +356,6 @@ def _put_image(cache, ref: str, layer_tar: bytes) -> None:
 @pytest.fixture
 def built_cache(tmp_path):
     from harness.tarlayers import d, f, tar_bytes
-
     from mobykit.image.cache import Cache
 
     cache = Cache(tmp_path / "cache")

@@ -8,8 +8,8 @@ import time
 import pytest
 import yaml
 from fakes import ConsoleFlavor, group_spec
-from harness.mobykit_server import grpc_server, memory_plugins
 
+from harness.mobykit_server import grpc_server, memory_plugins
 from mobykit.cli.main import main
 from mobykit.core.instance import InstanceCore
 from mobykit.group.controller import Options

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness.mobykit_server import grpc_server, make_tls, memory_plugins, run_cli, serve_process
 
+from harness.mobykit_server import grpc_server, make_tls, memory_plugins, run_cli, serve_process
 from mobykit import errors
 from mobykit.providers.base import BootImage
 from mobykit.providers.memory import MemoryProvider

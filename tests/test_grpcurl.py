@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from harness.mobykit_server import make_tls, serve_process
 
 GRPCURL = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "grpcurl")

@@ -11,8 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from harness.registry import layer_tar, write_image, write_index, write_multiarch
 
+from harness.registry import layer_tar, write_image, write_index, write_multiarch
 from mobykit.errors import ImageError
 from mobykit.image.cache import OCI_LAYER_TAR, Cache
 from mobykit.image.importer import import_path

@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from harness.mobykit_server import (
     EchoFlavor,
     UnixHTTPConnection,
@@ -19,7 +20,6 @@ from harness.mobykit_server import (
     memory_plugins,
     post_raw,
 )
-
 from mobykit.rpc.jsonrpc import default_socket_path
 
 GOLDEN = sorted((Path(__file__).parent / "golden" / "jsonrpc").glob("*.json"))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from harness.registry import (
     fresh_registry,  # noqa: F401  (fixture)
     local_registry,  # noqa: F401  (fixture)
@@ -19,7 +20,6 @@ from harness.registry import (
     write_index,
     write_multiarch,
 )
-
 from mobykit.errors import CacheMiss, RegistryError
 from mobykit.image.cache import Cache
 from mobykit.image.progress import Progress

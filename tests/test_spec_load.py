@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from mobykit.errors import SpecError
 from mobykit.spec import load, loads
 

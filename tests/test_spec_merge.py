@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from mobykit.errors import SpecError
 from mobykit.spec import load
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from mobykit.errors import ImageError, SpecError
 from mobykit.spec import loads
 from mobykit.spec.capabilities import ALL_CAPS

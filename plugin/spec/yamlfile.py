@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
 from mobykit.errors import SpecError
 
 MAX_BYTES = 1 << 20  # 1 MiB: LinuxKit specs are a few KiB; anything larger is a mistake or an attack.

@@ -19,7 +19,7 @@ class Health(enum.IntEnum):
     UNHEALTHY = 2
 
 
-class DestroyReason(str, enum.Enum):
+class DestroyReason(enum.StrEnum):
     """Why an instance is destroyed: Infrakit's instance.Context.Reason."""
 
     TERMINATE = "terminate"
