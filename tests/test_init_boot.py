@@ -13,8 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 
 import pytest
-from harness import guestkit as gk
 
+from harness import guestkit as gk
 from mobykit.run.cidata import make_iso
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -62,14 +62,16 @@ class Run:
 
 
 def _boot_scenario(build, *, append: str = "", user_data: str | None = None, meta_data: str = "",
-                   http: bool = False, ready: str = r"^mobykit: (not )?ready .*$") -> Run:
+                   http: bool = False, ready: str = r"^mobykit: (not )?ready .*$",
+                   metadata: gk.FakeMetadata | None = None) -> Run:
     parts = gk.parts()
     with gk.workdir() as w:
         img = gk.GuestImage(w, parts)
         build(img)
         initrd = img.write_initrd(w / "initrd.gz")
         iso = make_iso(w / "cidata.iso", user_data, meta_data) if user_data is not None else None
-        with gk.boot(parts.kernel, initrd, w, append=append, cdrom=iso, http=http) as g:
+        with gk.boot(parts.kernel, initrd, w, append=append, cdrom=iso, http=http,
+                     metadata=metadata.port if metadata else None) as g:
             m = g.wait_for(ready, BOOT_TIMEOUT)
             body = None
             if http:
@@ -130,6 +132,41 @@ def failing() -> Run:
         "hostname": {"content": "json-host"},
     })
     return _boot_scenario(build, user_data=user_data, ready=r"^mobykit: (not )?ready .*$\n(.|\n)*restart in 2s")
+
+
+CLOUD_USERDATA = """#!/bin/sh
+echo "userdata: on stdout"
+{
+echo "userdata: ran hostname=$(hostname) provider=$(cat /run/config/provider)"
+echo "userdata: key=$(cat /run/config/ssh/authorized_keys) perm=$(stat -c %a /run/config/ssh/authorized_keys)"
+echo "userdata: quiet.log=$(cat /var/log/quiet.log)"
+} > /dev/console
+"""
+SSH_KEY = "ssh-ed25519 AAAAcloudkey core@example"
+
+
+def _cloud(kind: str, append: str = "") -> tuple[Run, list]:
+    server = gk.FakeMetadata(kind, user_data=CLOUD_USERDATA, hostname=f"{kind}-vm-1.internal", ssh_key=SSH_KEY)
+    try:
+        def build(img: gk.GuestImage) -> None:
+            img.add_system(image_id=IMAGE_ID)
+            img.add_bundle("onboot", "000-quiet", gk.oci_config(["/bin/echo", "quiet: only in the log"]))
+
+        return _boot_scenario(build, append=append, metadata=server), server.requests
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def aws() -> tuple[Run, list]:
+    """No cidata; an AWS-style metadata server (IMDSv2 only); container output off the console."""
+    return _cloud("aws", append="mobykit.console=0")
+
+
+@pytest.fixture(scope="module")
+def gcp() -> tuple[Run, list]:
+    """No cidata; a GCP-style metadata server; only the gcp provider asked for."""
+    return _cloud("gcp", append="mobykit.metadata=gcp")
 
 
 # --- the good path -------------------------------------------------------------------------------
@@ -226,3 +263,31 @@ def test_no_restarts_after_shutdown(failing):
     after = failing.console[failing.shutdown_at:]
     assert "service crash exited" not in after
     assert failing.exit_code == 0
+
+
+# --- cloud metadata servers ------------------------------------------------------------------
+
+def test_aws_user_data_uses_imdsv2(aws):
+    run, requests = aws
+    assert "userdata: ran hostname=aws-vm-1 provider=aws" in run.console, run.console
+    assert f"userdata: key={SSH_KEY} perm=600" in run.console
+    token_puts = [r for r in requests if r[0] == "PUT" and r[1] == "/latest/api/token"]
+    assert token_puts, requests
+    gets = [r for r in requests if r[0] == "GET" and r[1].startswith("/latest/")]
+    assert gets and all(r[2].get("X-aws-ec2-metadata-token") for r in gets)
+
+
+def test_console_switch_keeps_container_output_in_logs_only(aws):
+    run, _ = aws
+    assert "userdata: quiet.log=quiet: only in the log" in run.console
+    assert "\nquiet: only in the log" not in run.console
+    assert "userdata: on stdout" not in run.console
+    assert f"mobykit: ready {IMAGE_ID}" in run.console  # init's own lines stay
+
+
+def test_gcp_user_data_and_keys(gcp):
+    run, requests = gcp
+    assert "userdata: ran hostname=gcp-vm-1 provider=gcp" in run.console, run.console
+    assert f"userdata: key={SSH_KEY} perm=600" in run.console
+    assert requests and all(r[2].get("Metadata-Flavor") == "Google" for r in requests)
+    assert not any(r[1].startswith("/latest/") for r in requests)  # mobykit.metadata=gcp: AWS not asked

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from mobykit.errors import SpecError
 from mobykit.image.runtime_sh import AFTER_CREATE_MARKER, runtime_script
 

@@ -315,13 +315,18 @@ class Guest:
 
 @contextlib.contextmanager
 def boot(kernel: Path, initrd: Path, workdir: Path, *, append: str = "", cdrom: Path | None = None,
-         http: bool = True, memory: int = 512) -> Iterator[Guest]:
+         http: bool = True, memory: int = 512, metadata: int | None = None) -> Iterator[Guest]:
     """Boot under qemu TCG with the console on a file and user-mode networking (a guest port 80
-    forwarded from 127.0.0.1 when ``http``). qemu is killed by PID on the way out."""
+    forwarded from 127.0.0.1 when ``http``). With ``metadata`` (a port on 127.0.0.1), the user
+    network is 169.254.0.0/16 and the guest's connections to 169.254.169.254:80 reach that port,
+    one ``busybox nc`` per connection, as a cloud's metadata server would be reached.
+    qemu is killed by PID on the way out."""
     console = workdir / "console.log"
     monitor = workdir / "monitor.sock"
     port = free_port() if http else None
     nic = "user,model=virtio-net-pci" + (f",hostfwd=tcp:127.0.0.1:{port}-:80" if port else "")
+    if metadata:
+        nic += f",net=169.254.0.0/16,guestfwd=tcp:169.254.169.254:80-cmd:{BUSYBOX} nc 127.0.0.1 {metadata}"
     cmd = ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", str(memory), "-nographic", "-no-reboot",
            "-kernel", str(kernel), "-initrd", str(initrd),
            "-append", f"console=ttyS0 panic=-1 quiet {append}".strip(),
@@ -349,3 +354,65 @@ def workdir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+class FakeMetadata:
+    """A cloud metadata server on 127.0.0.1 for the guest's 169.254.169.254 (see ``boot(...,
+    metadata=...)``): ``kind`` "aws" (IMDSv2 enforced: a token from PUT /latest/api/token is
+    required) or "gcp" (the Metadata-Flavor: Google header is required). ``requests`` records
+    (method, path, headers) of every request, so a test can check how the guest asked."""
+
+    def __init__(self, kind: str, *, user_data: str, hostname: str, ssh_key: str):
+        import http.server
+        import threading
+
+        self.kind, self.requests = kind, []
+        token = "tok-" + os.urandom(8).hex()
+        aws = {"/latest/meta-data/instance-id": "i-0123456789", "/latest/meta-data/hostname": hostname,
+               "/latest/user-data": user_data, "/latest/meta-data/public-keys/0/openssh-key": ssh_key}
+        gcp = {"/computeMetadata/v1/instance/hostname": hostname,
+               "/computeMetadata/v1/instance/attributes/user-data": user_data,
+               "/computeMetadata/v1/instance/attributes/ssh-keys": f"core:{ssh_key}"}
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _send(self, code: int, body: str = "") -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self):  # noqa: N802 (http.server's naming)
+                outer.requests.append(("PUT", self.path, dict(self.headers)))
+                if outer.kind == "aws" and self.path == "/latest/api/token" \
+                        and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    return self._send(200, token)
+                return self._send(404)
+
+            def do_GET(self):  # noqa: N802
+                outer.requests.append(("GET", self.path, dict(self.headers)))
+                if outer.kind == "aws":
+                    if self.headers.get("X-aws-ec2-metadata-token") != token:
+                        return self._send(401)
+                    table = aws
+                else:
+                    if self.headers.get("Metadata-Flavor") != "Google":
+                        return self._send(403)
+                    table = gcp
+                if self.path in table:
+                    return self._send(200, table[self.path])
+                return self._send(404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
