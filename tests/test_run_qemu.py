@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness.tinyvm import build_tinyvm, set_mode
 
+from harness.tinyvm import build_tinyvm, set_mode
 from mobykit.errors import InvalidArgument, NotFound
 from mobykit.image.cache import Cache
 from mobykit.run import qemu
@@ -160,3 +160,48 @@ def test_publish_forwards_loopback_port_and_stop_cleans_up(tiny: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert tmp is not None and not tmp.exists()
+
+
+def _qemu_child(parent: int) -> tuple[int, str] | None:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent:
+                cmd = (stat.parent / "cmdline").read_bytes().decode().split("\0")
+                if cmd and cmd[0].endswith("qemu-system-x86_64"):
+                    return int(stat.parent.name), " ".join(cmd)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_kills_qemu_and_removes_the_iso(tiny: Path) -> None:
+    set_mode(tiny, "silent")
+    env = dict(os.environ, MOBYKIT_ACCEL="tcg")
+    cli = subprocess.Popen([sys.executable, "-m", "mobykit.cli.main", "run", "qemu", str(tiny), "--until-ready",
+                            "--data", "x"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        child = None
+        for _ in range(300):
+            child = _qemu_child(cli.pid)
+            if child:
+                break
+            time.sleep(0.1)
+        assert child is not None, "qemu never started"
+        pid, cmdline = child
+        iso = Path(next(w for w in cmdline.split(",") if w.startswith("file=")).split("=", 1)[1])
+        assert iso.exists()
+        cli.terminate()
+        assert cli.wait(60) == 143
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    for _ in range(50):  # qemu is killed and reaped by the CLI before it exits
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
+    assert not iso.exists() and not iso.parent.exists()

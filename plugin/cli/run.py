@@ -10,9 +10,19 @@ import sys
 from pathlib import Path
 
 
+def _terminate(signum, frame) -> None:
+    # qemu runs in its own session (so a terminal's Ctrl-C reaches us, not it); turn SIGTERM into
+    # an exception so the cleanup that kills qemu by PID and removes the cidata ISO still runs.
+    raise SystemExit(128 + signum)
+
+
 def _qemu(args) -> int:
+    import signal
+
     from mobykit.errors import InvalidArgument
     from mobykit.run import qemu
+
+    signal.signal(signal.SIGTERM, _terminate)
 
     if args.data is not None and args.data_file is not None:
         raise InvalidArgument("--data and --data-file: give one or the other")
