@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -191,7 +192,9 @@ def test_sigterm_kills_qemu_and_removes_the_iso(tiny: Path) -> None:
             time.sleep(0.1)
         assert child is not None, "qemu never started"
         pid, cmdline = child
-        iso = Path(next(w for w in cmdline.split(",") if w.startswith("file=")).split("=", 1)[1])
+        m = re.search(r"file=([^,]+/cidata\.iso),", cmdline)
+        assert m, cmdline
+        iso = Path(m.group(1))
         assert iso.exists()
         cli.terminate()
         assert cli.wait(60) == 143
