@@ -82,7 +82,8 @@ def test_kernel_initrd_is_reproducible_and_ucode_goes_first_uncompressed(tmp_pat
 
 def test_hard_link_group_spanning_boot_keeps_its_content(tmp_path):
     tree = Tree()
-    tree.add_bytes("boot/kernel", b"k")
+    tree.add_bytes("usr/lib/kernel.img", b"KERNEL")
+    tree.add(Entry("boot/kernel", "hardlink", 0, linkname="usr/lib/kernel.img"))  # the content sits on boot/kernel
     tree.add_bytes("usr/lib/firmware.bin", b"FW")
     tree.add(Entry("boot/firmware.bin", "hardlink", 0, linkname="usr/lib/firmware.bin"))  # sorts first: holds the data
     tar = tmp_path / "c.tar"
@@ -95,6 +96,8 @@ def test_hard_link_group_spanning_boot_keeps_its_content(tmp_path):
     cpio = gzip.decompress((ctx.outdir / "moby-initrd.img").read_bytes())
     subprocess.run(["cpio", "-idm", "--quiet"], input=cpio, cwd=dest, check=True)
     assert (dest / "usr/lib/firmware.bin").read_bytes() == b"FW"
+    assert (dest / "usr/lib/kernel.img").read_bytes() == b"KERNEL"
+    assert (ctx.outdir / "moby-kernel").read_bytes() == b"KERNEL"
 
 
 def test_missing_kernel_is_a_build_error_naming_the_tar(tmp_path):
@@ -121,7 +124,6 @@ def test_kernel_initrd_boots_and_the_kernel_unpacks_our_cpio(tmp_path):
     """The real consumer of the initrd: Linux's initramfs unpacker (hard links with the data on
     the last member, a device node, symlinks), booted under qemu TCG."""
     from harness import guestkit as gk
-
     from mobykit.image.tree import FileContent
 
     parts = gk.parts()

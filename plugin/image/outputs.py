@@ -161,11 +161,19 @@ def output_kernel_initrd(ctx: OutputContext) -> list[Path]:
     from mobykit.image.tree import read_tar
 
     tree = read_tar(ctx.tar_path)
-    kernel = tree.get("boot/kernel")
-    if kernel is None or kernel.type != "file":
+
+    def file_at(path: str):
+        """The file at ``path``, through a hard link (its content may sit on another path)."""
+        entry = tree.get(path)
+        if entry is not None and entry.type == "hardlink":
+            entry = tree.get(entry.linkname)
+        return entry if entry is not None and entry.type == "file" else None
+
+    kernel = file_at("boot/kernel")
+    if kernel is None:
         raise BuildError(f"{ctx.tar_path}: no boot/kernel file, so there is no kernel for kernel+initrd (is 'kernel:' set in the spec?)")
-    cmdline = tree.get("boot/cmdline")
-    ucode = tree.get("boot/ucode.cpio")
+    cmdline = file_at("boot/cmdline")
+    ucode = file_at("boot/ucode.cpio")
     # LinuxKit keeps nothing under boot/ in the initrd; Tree.remove hands the contents of any file
     # there to a hard link outside boot/, so no link in the cpio points into the removed part.
     tree.remove("boot")
@@ -175,7 +183,7 @@ def output_kernel_initrd(ctx: OutputContext) -> list[Path]:
         with open(staged.path(f"{ctx.name}-kernel"), "wb") as out:
             _copy_content(kernel, out)
         with open(staged.path(f"{ctx.name}-initrd.img"), "wb") as out:
-            if ucode is not None and ucode.type == "file":
+            if ucode is not None:
                 _copy_content(ucode, out)
             gz = ParallelGzip(out)
             try:
@@ -185,7 +193,7 @@ def output_kernel_initrd(ctx: OutputContext) -> list[Path]:
                 raise
             gz.close()
         with open(staged.path(f"{ctx.name}-cmdline"), "wb") as out:
-            if cmdline is not None and cmdline.type == "file":
+            if cmdline is not None:
                 _copy_content(cmdline, out)
         return staged.commit()
     except BaseException:
