@@ -247,3 +247,48 @@ def test_service_images_labels_and_httpd_serves(tmp_path: Path, cache: Cache) ->
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- the image format, with a files-only recipe (no apt, fast) -------------------------------
+
+def test_files_recipe_layer_is_canonical(tmp_path: Path, cache: Cache) -> None:
+    import gzip
+    import tarfile
+
+    d = tmp_path / "demo"
+    (d / "rootfs" / "usr" / "bin").mkdir(parents=True)
+    (d / "rootfs" / "usr" / "bin" / "tool").write_text("#!/bin/sh\necho hi\n")
+    (d / "rootfs" / "usr" / "bin" / "tool").chmod(0o775)  # a checkout's umask must not matter
+    (d / "rootfs" / "etc").mkdir()
+    (d / "rootfs" / "etc" / "conf").write_text("x=1\n")
+    (d / "rootfs" / "etc" / "conf").chmod(0o600)
+    (d / "secret").write_text("s\n")
+    os.utime(d / "secret", (12345, 12345))
+    (d / "build.yml").write_text(
+        "files:\n  - {source: rootfs, dest: /}\n  - {source: secret, dest: /var/lib/app/secret, mode: '0400', uid: 100, gid: 101}\n"
+        "symlinks: {bin/tool: /usr/bin/tool}\ncmd: [/usr/bin/tool]\nenv: [A=b]\n"
+        "label: {net: host, binds: ['/etc:/hostroot/etc']}\n")
+    res = pkgbuild.build(d, cache=cache)
+    assert res.rebuilt and res.ref.startswith("mobykit/demo:")
+    layer, config = _layer_and_config(cache, res.ref)
+    raw = layer.read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and raw[4:8] == b"\0\0\0\0"  # gzip, header mtime 0
+    with tarfile.open(layer) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        names = [m.name for m in tf.getmembers()]
+    assert names == sorted(names)
+    assert all(m.mtime == 0 for m in members.values())
+    assert members["usr/bin/tool"].mode == 0o755 and members["etc/conf"].mode == 0o644
+    s = members["var/lib/app/secret"]
+    assert (s.mode, s.uid, s.gid) == (0o400, 100, 101)
+    assert all(m.uid == 0 and m.gid == 0 for n, m in members.items() if n != "var/lib/app/secret")
+    assert members["bin/tool"].issym() and members["bin/tool"].linkname == "/usr/bin/tool"
+    diff_id = "sha256:" + __import__("hashlib").sha256(gzip.decompress(raw)).hexdigest()
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [diff_id]}
+    assert config["config"]["Cmd"] == ["/usr/bin/tool"]
+    assert config["config"]["Env"][-1] == "A=b" and config["config"]["Env"][0].startswith("PATH=")
+    assert _label(config) == {"net": "host", "binds": ["/etc:/hostroot/etc"]}
+    # same inputs in another cache: same digest; a file's mtime is not an input
+    os.utime(d / "secret", (99999, 99999))
+    other = pkgbuild.build(d, cache=Cache(tmp_path / "other"))
+    assert (other.ref, other.digest) == (res.ref, res.digest)
