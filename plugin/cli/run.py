@@ -34,6 +34,8 @@ def _qemu(args) -> int:
             data = Path(args.data_file).read_bytes()
         except OSError as e:
             raise InvalidArgument(f"--data-file {args.data_file}: {e.strerror}") from None
+    if args.until_ready and args.timeout is None:
+        args.timeout = 600.0  # a boot check must end: a guest that hangs silently never says "not ready"
     opts = qemu.RunOptions(
         cpus=args.cpus, mem=args.mem, accel=args.accel, data=data,
         console_log=Path(args.console_log) if args.console_log else None,
@@ -66,7 +68,7 @@ def register(subparsers) -> None:
     q.add_argument("--data-file", help="file whose contents are the user data")
     q.add_argument("--console-log", help="also write the serial console to this file")
     q.add_argument("--publish", action="append", metavar="HOST:GUEST", help="forward tcp 127.0.0.1:HOST to the guest's GUEST port (repeatable)")
-    q.add_argument("--timeout", type=float, help="seconds before qemu is killed (exit 124)")
+    q.add_argument("--timeout", type=float, help="seconds before qemu is killed (exit 124; default 600 with --until-ready, else none)")
     q.add_argument("--until-ready", action="store_true", help="exit 0 at 'mobykit: ready', non-zero at 'not ready' or timeout")
     q.set_defaults(func=_qemu)
     p.set_defaults(func=lambda args: (p.print_help(sys.stderr), 2)[1])
