@@ -157,6 +157,8 @@ HOSTILE = {
         lambda: tar_bytes(sym("lib", "/tmp"), f("lib/evil.so", b"x")), None, "is a symlink", "lib/evil.so"),
     "symlink-parent-dotdot-target": (
         lambda: tar_bytes(sym("up", "../../.."), f("up/etc/passwd", b"x")), None, "is a symlink", "up/etc/passwd"),
+    "hardlink-through-symlink": (
+        lambda: tar_bytes(sym("etc", "/host-etc"), hl("stolen", "etc/shadow")), None, "not in the tree", "stolen"),
     "parent-is-a-file": (lambda: tar_bytes(f("etc", b"file"), f("etc/passwd", b"x")), None, "not a directory", "etc/passwd"),
     "hardlink-outside": (lambda: tar_bytes(hl("shadow", "../../etc/shadow")), None, "escapes the root", "shadow"),
     "hardlink-absolute-missing": (lambda: tar_bytes(hl("shadow", "/etc/shadow")), None, "not in the tree", "shadow"),
@@ -291,3 +293,16 @@ def test_contents_are_streamed_never_held(cache, tmp_path):
     peak_kb = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
     assert (tmp_path / "out.tar").stat().st_size > 160 << 20
     assert peak_kb < 100 * 1024, f"peak RSS {peak_kb} kB"
+
+
+def test_symlink_from_a_lower_layer_is_never_followed(cache, work):
+    lower = tar_bytes(sym("usr/lib/evil", "/etc"), f("usr/lib/ok", b"ok"))
+    upper = tar_bytes(f("usr/lib/evil/cron.d/job", b"* * * * * root sh"))
+    image = image_of(cache, lower, upper)
+    with pytest.raises(ImageError, match="'usr/lib/evil' is a symlink") as err:
+        unpack_image(cache, image, work)
+    assert (err.value.layer, err.value.path) == (image.layers[1].digest, "usr/lib/evil/cron.d/job")
+    # replacing the symlink by a directory first is legitimate (Docker does the same)
+    fixed = tar_bytes(d("usr/lib/evil"), f("usr/lib/evil/cron.d/job", b"x"))
+    tree = unpack_image(cache, image_of(cache, lower, fixed, ref="r/fixed:1"), work)
+    assert tree.get("usr/lib/evil").type == "dir" and contents(tree, "usr/lib/evil/cron.d/job") == b"x"
