@@ -52,6 +52,17 @@ ip link show veth-h >/dev/null 2>&1 && echo "userdata: veth-h=in-root"
 """.replace("SYSCTL_KEYS", " ".join(SYSCTLS))
 
 
+def _overlay_mounts(b: str) -> list[dict]:
+    """runtime.json mounts for a writable bundle, in the shape mobykit.spec.oci (and LinuxKit)
+    writes them: a tmpfs for the upper layer, made private, and the overlay on rootfs."""
+    return [
+        {"destination": f"{b}/tmp", "type": "tmpfs", "source": "tmpfs"},
+        {"destination": f"{b}/tmp", "options": ["remount", "private"]},
+        {"destination": f"{b}/rootfs", "type": "overlay", "source": "overlay",
+         "options": [f"lowerdir={b}/lower", f"upperdir={b}/tmp/upper", f"workdir={b}/tmp/work"]},
+    ]
+
+
 @dataclass
 class Run:
     console: str
@@ -95,13 +106,16 @@ def good() -> Run:
             'echo "probe: capeff=$(grep CapEff /proc/self/status | cut -f2) pid=$$'
             ' mnt=$(readlink /proc/self/ns/mnt) pidns=$(readlink /proc/self/ns/pid)";'
             ' if touch /x 2>/dev/null; then echo probe: rootfs=rw; else echo probe: rootfs=ro; fi')],
-            caps=["CAP_CHOWN", "CAP_NET_BIND_SERVICE"], hostname="probe"))
+            caps=["CAP_CHOWN", "CAP_NET_BIND_SERVICE"], hostname="probe"),
+            runtime={"mounts": [{"destination": "/containers/onboot/000-probe/rootfs",
+                                 "source": "/containers/onboot/000-probe/rootfs", "options": ["bind"]}]})
         img.add_bundle("onboot", "001-sysctl", gk.oci_config(
             ["/usr/bin/mobykit-sysctl"], caps=["CAP_SYS_ADMIN", "CAP_SYS_PTRACE"], namespaces=("pid", "mount", "ipc", "uts"),
             rw_proc_sys=True), extra_roots=[gk.SYSCTL_ROOTFS])
         img.add_bundle("onboot", "002-rw", gk.oci_config(["/bin/sh", "-c", (
             'echo data > /written && echo "rw: wrote=$(cat /written) links=$(ls /sys/class/net | tr "\\n" " ")"')],
-            readonly=False), runtime={"interfaces": [{"name": "veth-c", "peer": "veth-h"}],
+            readonly=False), runtime={"mounts": _overlay_mounts("/containers/onboot/002-rw"),
+                                      "interfaces": [{"name": "veth-c", "peer": "veth-h"}],
                                       "bindNS": {"net": "/run/netns/rw"}, "mkdir": ["/var/lib/rwtest"]})
         img.add_bundle("services", "web", gk.oci_config(
             ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"], caps=["CAP_NET_BIND_SERVICE"],
@@ -125,6 +139,10 @@ def failing() -> Run:
             ' host=$(cat /config/hostname) raw=$(head -c 1 /config/userdata)"')])
         config["mounts"].append({"destination": "/config", "type": "bind", "source": "/run/config", "options": ["rbind", "ro"]})
         img.add_bundle("onboot", "001-config", config, files={"config/.keep": ""})
+        # writable, with no mounts in runtime.json: the init makes the overlay itself
+        img.add_bundle("onboot", "002-plain-rw", gk.oci_config(["/bin/sh", "-c", (
+            'echo x > /new && echo "plain-rw: ok root=$(grep " / " /proc/mounts | cut -d" " -f3)"')],
+            readonly=False))
         img.add_bundle("services", "crash", gk.oci_config(["/bin/sh", "-c", "echo crash: starting; exit 7"]))
 
     user_data = json.dumps({
@@ -250,6 +268,10 @@ def test_json_user_data_becomes_files(failing):
     m = re.search(r"^config: key=(.*) perm=(\d+) host=(\S+) raw=(.)$", failing.console, re.M)
     assert m, failing.console
     assert m.groups() == ("ssh-ed25519 AAAAtestkey user@host", "600", "json-host", "{")
+
+
+def test_writable_bundle_without_runtime_mounts_gets_an_overlay(failing):
+    assert "plain-rw: ok root=overlay" in failing.console, failing.console
 
 
 def test_crashing_service_is_restarted_with_backoff(failing):

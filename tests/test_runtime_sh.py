@@ -77,6 +77,7 @@ def test_overlay_upper_and_work_dirs_are_made_before_the_mount(tmp_path):
     b = "/containers/onboot/001-rw"
     runtime = {"mounts": [
         {"destination": f"{b}/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=0755"]},
+        {"destination": f"{b}/tmp", "options": ["remount", "private"]},
         {"destination": f"{b}/rootfs", "type": "overlay", "source": "overlay",
          "options": [f"lowerdir={b}/lower", f"upperdir={b}/tmp/upper", f"workdir={b}/tmp/work"]},
     ]}
@@ -85,6 +86,8 @@ def test_overlay_upper_and_work_dirs_are_made_before_the_mount(tmp_path):
     assert [c[:2] + c[-1:] for c in calls] == [
         ["mkdir", "-p", f"{b}/tmp"],
         ["mount", "-t", f"{b}/tmp"],
+        ["mkdir", "-p", f"{b}/tmp"],
+        ["mount", "--make-private", f"{b}/tmp"],   # LinuxKit's {"options": ["remount", "private"]}
         ["mkdir", "-p", f"{b}/rootfs"],
         ["mkdir", "-p", f"{b}/tmp/upper"],
         ["mkdir", "-p", f"{b}/tmp/work"],
@@ -118,6 +121,13 @@ def test_after_create_moves_links_and_binds_namespaces(tmp_path, shell):
         ["mount", "-o", "bind", "--", "/proc/4242/ns/net", str(target)],
     ]
     assert target.is_file(), "the bind target must exist as a file before the bind mount"
+
+
+def test_propagation_options_become_make_commands(tmp_path):
+    runtime = {"mounts": [{"destination": "/mnt/x", "type": "bind", "source": "/src", "options": ["rbind", "rshared", "ro"]}]}
+    r, calls = _run(tmp_path, ["/bin/sh"], runtime_script(runtime, "/containers/onboot/000-x"), "prepare")
+    assert r.returncode == 0, r.stderr
+    assert calls[1:] == [["mount", "-o", "rbind,ro", "--", "/src", "/mnt/x"], ["mount", "--make-rshared", "--", "/mnt/x"]]
 
 
 def test_after_create_refuses_a_pid_that_is_not_a_number(tmp_path):

@@ -7,7 +7,8 @@ in the bundle. LinuxKit's own init ignores runtime.sh, so bundles stay compatibl
 The script has two entry points (``sh runtime.sh prepare`` and ``sh runtime.sh after_create PID``):
 
 * ``prepare`` runs before ``runc create``: ``mounts`` (in order; a relative destination is inside
-  the bundle's rootfs, as LinuxKit does; overlay upperdir/workdir are created first), then
+  the bundle's rootfs, as LinuxKit does; overlay upperdir/workdir are created first; propagation
+  options become ``mount --make-X``), then
   ``mkdir``, then ``cgroups`` (cgroup2 directories under /sys/fs/cgroup).
 * ``after_create PID`` runs once the container's namespaces exist but before its process starts:
   ``interfaces`` (move an existing link, or create one - veth pairs and ``createInRoot`` links in
@@ -35,6 +36,7 @@ AFTER_CREATE_MARKER = "# mobykit:after-create"
 # "-" is refused as well, so busybox ip never reads a name as an option.
 _IFNAME = re.compile(r"^[^\s/:\-][^\s/:]{0,14}$")
 _LINK_KIND = re.compile(r"^[a-z0-9_]{1,32}$")
+_PROPAGATION = ("shared", "rshared", "slave", "rslave", "private", "rprivate", "unbindable", "runbindable")
 
 
 def quote(value: str) -> str:
@@ -98,6 +100,16 @@ def _mount_lines(bundle: str, index: int, mount) -> list[str]:
                 raise SpecError(f"{key} must be an absolute path", field=f"{field}.options[{j}]")
             lines.append(f"\tmkdir -p -- {quote(val)}")
         opts.append(opt)
+    # Propagation flags cannot ride along in busybox's -o (on a remount it hands them to the
+    # filesystem as data: "tmpfs: Unknown parameter 'private'"), so each becomes its own
+    # "mount --make-X" after the mount. A bare remount carrying only propagation flags (LinuxKit's
+    # {"options": ["remount", "private"]}) is then just the --make-X.
+    prop = [o for o in opts if o in _PROPAGATION]
+    opts = [o for o in opts if o not in _PROPAGATION]
+    dest_q = _path_in(bundle, dest, field + ".destination")
+    makes = [f"\tmount --make-{o} -- {dest_q}" for o in prop]
+    if prop and opts == ["remount"] and not mtype:
+        return lines + makes
     cmd = "\tmount"
     if mtype and mtype not in ("bind", "none"):
         cmd += f" -t {quote(mtype)}"
@@ -105,9 +117,9 @@ def _mount_lines(bundle: str, index: int, mount) -> list[str]:
         cmd += f" -o {quote(','.join(opts))}"
     if source.startswith("-"):
         raise SpecError(f"source {source!r} must not start with '-'", field=f"{field}.source")
-    cmd += f" -- {quote(source)} {_path_in(bundle, dest, field + '.destination')}"
+    cmd += f" -- {quote(source)} {dest_q}"
     lines.append(cmd)
-    return lines
+    return lines + makes
 
 
 def _interface_lines(index: int, iface) -> list[str]:
