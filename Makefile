@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # buildah for the Dockerfile test.
 APT_PACKAGES := docker-registry qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
   libvirt-clients libvirt-dev pkg-config busybox-static xorriso genisoimage zstd cpio kmod skopeo umoci \
-  mtools dosfstools buildah debootstrap openssl
+  mtools dosfstools buildah debootstrap openssl libarchive-tools
 
 .PHONY: setup apt venv test test-fast test-slow demo lint proto proto-check bench clean
 

@@ -57,10 +57,12 @@ def test_kernel_initrd_splits_the_tree_as_linuxkit_does(tmp_path):
     cpio = gzip.decompress(raw)
     names = subprocess.run(["cpio", "-it", "--quiet"], input=cpio, capture_output=True, check=True).stdout.decode().split()
     assert names == ["bin", "bin/busybox", "bin/sh", "containers", "containers/onboot", "containers/onboot/000-x",
-                     "containers/onboot/000-x/rootfs", "init", "sbin"]  # nothing from boot/
+                     "containers/onboot/000-x/rootfs", "etc", "etc/mobykit", "etc/mobykit/image-id",
+                     "init", "sbin"]  # nothing from boot/; the image knows its id
     dest = tmp_path / "x"
     dest.mkdir()
     subprocess.run(["cpio", "-idm", "--quiet"], input=cpio, cwd=dest, check=True)
+    assert (dest / "etc/mobykit/image-id").read_text() == ctx.image_id + "\n"
     assert os.stat(dest / "bin/sh").st_ino == os.stat(dest / "bin/busybox").st_ino
     assert (dest / "init").stat().st_mode & 0o777 == 0o755
 

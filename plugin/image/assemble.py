@@ -51,7 +51,7 @@ def local_inputs(spec) -> dict[str, str]:
 
 
 class _Unpacker:
-    """Unpacks each image digest once into its own work subdirectory."""
+    """Unpacks each image digest once; layer tars shared between images are decompressed once."""
 
     def __init__(self, cache: Cache, images: dict[str, ImageInfo], work: Path):
         self.cache, self.images, self.work = cache, images, work
@@ -62,9 +62,9 @@ class _Unpacker:
 
         info = self.images[ref]
         if info.digest not in self.trees:
-            where = self.work / info.digest.split(":")[-1][:24]
-            where.mkdir(parents=True, exist_ok=True)
-            self.trees[info.digest] = unpack_image(self.cache, info, where)
+            # One work dir for all images: layers are named by digest there, so a layer that two
+            # images share is decompressed once.
+            self.trees[info.digest] = unpack_image(self.cache, info, self.work / "layers")
         return self.trees[info.digest]
 
 

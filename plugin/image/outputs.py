@@ -7,7 +7,7 @@ whole format has succeeded, so a failed build leaves nothing half-written behind
 ``NAME-kernel``, ``boot/cmdline`` -> ``NAME-cmdline``, ``boot/ucode.cpio`` (if any) goes first
 and uncompressed in ``NAME-initrd.img`` (the kernel loads early microcode only from an
 uncompressed cpio at the start), everything else under ``boot/`` is left out, and every other
-entry becomes a gzip-compressed cpio newc appended after it.
+entry becomes a gzip-compressed cpio newc appended after it, plus ``etc/mobykit/image-id``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mobykit.errors import BuildError
 
 FORMATS: dict[str, Callable[[OutputContext], list[Path]]] = {}
 GZIP_LEVEL = 6
+IMAGE_ID_PATH = "etc/mobykit/image-id"
 
 
 @dataclass
@@ -177,6 +178,9 @@ def output_kernel_initrd(ctx: OutputContext) -> list[Path]:
     # LinuxKit keeps nothing under boot/ in the initrd; Tree.remove hands the contents of any file
     # there to a hard link outside boot/, so no link in the cpio points into the removed part.
     tree.remove("boot")
+    # The image knows its own id (the init's readiness line carries it). It cannot be inside the
+    # canonical tar, whose hash the id is, so each bootable format adds it beside the tree.
+    tree.add_bytes(IMAGE_ID_PATH, (ctx.image_id + "\n").encode(), mode=0o444)
 
     staged = _Staged(ctx.outdir)
     try:
