@@ -12,6 +12,12 @@ Why the design is what it is:
   does not support yet, and its SLIRP ``<interface type='user'>`` has no port forwards. So a domain
   with ``Publish`` gets its user-mode NIC from ``<qemu:commandline>`` (``-netdev user,hostfwd=``),
   always bound to 127.0.0.1; a domain without gets a plain ``<interface type='user'>``.
+  The instances of a group share their properties, so ``"0:80"`` (or ``":80"``) asks for any free
+  host port: qemu binds port 0, the kernel picks, and the provider reads the port back from qemu's
+  ``info usernet`` (through libvirt's monitor passthrough) right after the start. Picking a port
+  ourselves and handing it to qemu would race every other process on the host. Every published
+  port is kept in the domain metadata and reported as Description property ``Ports``
+  (``{"80": 34567, "53/udp": 40001}``), so a user reaches each VM without asking qemu again.
 - IDs are ``mobykit-<20-digit ns timestamp>-<4 hex>``: they sort by creation time and never repeat.
 
 Connection URI: property ``URI``, else config ``URI``, else ``$MOBYKIT_LIBVIRT_URI``, else
@@ -69,7 +75,10 @@ _STATE_NAMES = {
     6: "stopped",  # CRASHED
     7: "stopped",  # PMSUSPENDED
 }
-_PUBLISH = re.compile(r"^(?:(?P<addr>[0-9.]+):)?(?P<host>\d{1,5}):(?P<guest>\d{1,5})(?:/(?P<proto>tcp|udp))?$")
+_PUBLISH = re.compile(r"^(?:(?P<addr>[0-9.]+):)?(?P<host>\d{0,5}):(?P<guest>\d{1,5})(?:/(?P<proto>tcp|udp))?$")
+# A host forward row of qemu's "info usernet": "TCP[HOST_FORWARD]  8  127.0.0.1 38299  10.0.2.15  80 ..."
+_USERNET_FWD = re.compile(r"^\s*(?P<proto>TCP|UDP)\[HOST_FORWARD\]\s+-?\d+\s+\S+\s+(?P<host>\d+)\s+\S+\s+(?P<guest>\d+)",
+                          re.MULTILINE)
 _IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -103,17 +112,19 @@ def created_ns(instance_id: str) -> int | None:
 
 
 def parse_publish(value: str, where: str = "Publish") -> tuple[str, int, int]:
-    """``"8080:80"`` / ``"127.0.0.1:8080:80/tcp"`` -> (proto, host port, guest port). Loopback only."""
+    """``"8080:80"`` / ``"127.0.0.1:8080:80/tcp"`` -> (proto, host port, guest port). Loopback only.
+    Host port 0 (``"0:80"``, ``":80"``, ``"127.0.0.1::80"``) means any free port, chosen at start."""
     m = _PUBLISH.match(value) if isinstance(value, str) else None
     if not m:
-        raise InvalidArgument(f"{where}: {value!r} is not HOSTPORT:GUESTPORT[/tcp|udp]")
+        raise InvalidArgument(f"{where}: {value!r} is not [HOSTPORT]:GUESTPORT[/tcp|udp] (HOSTPORT 0 or empty: any free port)")
     addr = m.group("addr") or "127.0.0.1"
     if addr != "127.0.0.1":
         raise InvalidArgument(f"{where}: {value!r}: ports are only published on 127.0.0.1")
-    host, guest = int(m.group("host")), int(m.group("guest"))
-    for port in (host, guest):
-        if not 1 <= port <= 65535:
-            raise InvalidArgument(f"{where}: {value!r}: port {port} out of range")
+    host, guest = int(m.group("host") or 0), int(m.group("guest"))
+    if not 0 <= host <= 65535:
+        raise InvalidArgument(f"{where}: {value!r}: port {host} out of range")
+    if not 1 <= guest <= 65535:
+        raise InvalidArgument(f"{where}: {value!r}: port {guest} out of range")
     return m.group("proto") or "tcp", host, guest
 
 
@@ -149,7 +160,7 @@ def validate_properties(properties: dict[str, Any]) -> None:
     seen = set()
     for i, p in enumerate(publish):
         proto, host, _guest = parse_publish(p, f"Properties.Publish[{i}]")
-        if (proto, host) in seen:
+        if host and (proto, host) in seen:  # any number of auto-assigned (0) ports
             raise InvalidArgument(f"Properties.Publish[{i}]: host port {host}/{proto} published twice")
         seen.add((proto, host))
 
@@ -423,6 +434,11 @@ class LibvirtProvider:
                                    console.path(), cidata.path() if cidata else None, meta)
             dom = conn.defineXML(xml)
             dom.create()
+            publish = [parse_publish(p) for p in props.get("Publish", [])]
+            if publish:
+                meta.ports = self._bound_ports(conn, dom, publish)
+                flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | libvirt.VIR_DOMAIN_AFFECT_LIVE
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta.xml(), NS_PREFIX, NS, flags)
         except BaseException as e:
             if dom is not None:
                 _quietly(dom.destroy)
@@ -433,6 +449,34 @@ class LibvirtProvider:
                 raise Unavailable(f"libvirt {conn.getURI()}: cannot start {instance_id}: {e.get_error_message()}") from None
             raise
         return self._machine(dom, meta, conn.getURI())
+
+    def _bound_ports(self, conn, dom, publish: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """(proto, guest port, host port) for each published port, auto-assigned ones read from qemu.
+
+        Explicit host ports are known already; for port 0 the host port qemu bound is in its
+        ``info usernet`` table, matched by protocol and guest port. libvirt's mock driver has no
+        qemu, so there auto-assigned ports stay unknown (left out)."""
+        known = [(proto, guest, host) for proto, host, guest in publish if host]
+        auto = [(proto, guest) for proto, host, guest in publish if not host]
+        if not auto or self._is_test(conn):
+            return known
+        libvirt = _libvirt()
+        import libvirt_qemu
+
+        try:
+            table = libvirt_qemu.qemuMonitorCommand(dom, "info usernet", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        except libvirt.libvirtError as e:
+            raise Unavailable(f"libvirt: cannot read the ports qemu bound for {dom.name()}: {e.get_error_message()}") from None
+        taken = {(proto, host) for proto, _guest, host in known}
+        rows = [(m.group("proto").lower(), int(m.group("guest")), int(m.group("host"))) for m in _USERNET_FWD.finditer(table)]
+        out = list(known)
+        for proto, guest in auto:
+            row = next((r for r in rows if r[0] == proto and r[1] == guest and (proto, r[2]) not in taken), None)
+            if row is None:
+                raise Unavailable(f"libvirt: qemu reports no host port for {guest}/{proto} of {dom.name()}:\n{table}")
+            taken.add((proto, row[2]))
+            out.append(row)
+        return out
 
     def _domain_xml(self, conn, instance_id: str, props: dict[str, Any], kernel: str, initrd: str, cmdline: str,
                     console: str, cidata: str | None, meta: _Meta) -> str:
@@ -488,6 +532,9 @@ class LibvirtProvider:
             "Pool": meta.pool,
             "Volumes": list(meta.volumes),
         }
+        if meta.ports:
+            props["Ports"] = {(str(guest) if proto == "tcp" else f"{guest}/{proto}"): host
+                              for proto, guest, host in meta.ports}
         return Machine(id=dom.name(), tags=dict(meta.tags), state=state, logical_id=meta.logical_id, properties=props)
 
     def _uris(self) -> list[str]:
@@ -598,9 +645,10 @@ class _Meta:
     """What we keep on the domain, as ``<mobykit:instance>`` XML (attributes and ``<tag>`` children)."""
 
     def __init__(self, tags: dict[str, str], logical_id: str | None, image: str | None, created: int,
-                 volumes: list[str], pool: str):
+                 volumes: list[str], pool: str, ports: list[tuple[str, int, int]] | None = None):
         self.tags, self.logical_id, self.image = tags, logical_id, image
         self.created, self.volumes, self.pool = created, volumes, pool
+        self.ports = list(ports or [])  # (proto, guest port, host port on 127.0.0.1)
 
     def element(self) -> ET.Element:
         root = ET.Element(f"{{{NS}}}instance")
@@ -614,6 +662,8 @@ class _Meta:
             ET.SubElement(root, f"{{{NS}}}tag", key=k).text = self.tags[k]
         for v in self.volumes:
             ET.SubElement(root, f"{{{NS}}}volume").text = v
+        for proto, guest, host in self.ports:
+            ET.SubElement(root, f"{{{NS}}}port", proto=proto, guest=str(guest), host=str(host))
         return root
 
     def xml(self) -> str:
@@ -623,6 +673,8 @@ class _Meta:
             ET.SubElement(root, "tag", key=k).text = self.tags[k]
         for v in self.volumes:
             ET.SubElement(root, "volume").text = v
+        for proto, guest, host in self.ports:
+            ET.SubElement(root, "port", proto=proto, guest=str(guest), host=str(host))
         return ET.tostring(root, encoding="unicode")
 
     @classmethod
@@ -634,8 +686,10 @@ class _Meta:
 
         tags = {el.get("key", ""): el.text or "" for el in root if local(el) == "tag"}
         volumes = [el.text or "" for el in root if local(el) == "volume"]
+        ports = [(el.get("proto", "tcp"), int(el.get("guest", "0")), int(el.get("host", "0")))
+                 for el in root if local(el) == "port"]
         return cls(tags=tags, logical_id=root.get("logical-id"), image=root.get("image"),
-                   created=int(root.get("created", "0")), volumes=volumes, pool=root.get("pool", ""))
+                   created=int(root.get("created", "0")), volumes=volumes, pool=root.get("pool", ""), ports=ports)
 
 
 def _read_meta(dom) -> _Meta | None:

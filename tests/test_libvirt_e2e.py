@@ -22,7 +22,6 @@ import pytest
 libvirt = pytest.importorskip("libvirt")
 
 from harness.libvirtd import boot_files, libvirtd_session  # noqa: E402,F401
-
 from mobykit.core.instance import InstanceCore  # noqa: E402
 from mobykit.flavor.moby import IMAGE_TAG, MobyFlavor  # noqa: E402
 from mobykit.providers.base import BootImage, MachineSpec  # noqa: E402
@@ -194,3 +193,23 @@ def test_a_vm_that_cannot_start_leaves_no_domain_and_no_volume(provider, boot_fi
     assert provider.list({}) == []
     # only the content-addressed boot files stay (a cache); nothing made for the instance
     assert all(n.endswith((".kernel", ".initrd", ".cmdline")) for n in os.listdir(libvirtd_session.pool_path))
+
+
+def test_auto_published_ports_differ_per_vm_are_reported_and_bound(provider, boot_files):  # noqa: F811
+    """A group's instances share ``Publish: ["0:80"]``; each VM gets its own free port on
+    127.0.0.1, read back from qemu and reported in the instance properties."""
+    props = {"Kernel": str(boot_files.kernel), "Initrd": str(boot_files.initrd), "Cmdline": boot_files.cmdline,
+             "Publish": ["0:80", ":22"], "Memory": 256}
+    made = [provider.create(MachineSpec(properties=dict(props), tags={"t": "auto"})) for _ in range(2)]
+    listed = {m.id: m.properties["Ports"] for m in provider.list({"t": "auto"})}
+    assert listed == {m.id: m.properties["Ports"] for m in made}
+    ports = [p for m in made for p in (m.properties["Ports"]["80"], m.properties["Ports"]["22"])]
+    assert len(set(ports)) == 4 and all(1024 <= p <= 65535 for p in ports)
+    for port in ports:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    for m in made:
+        provider.destroy(m.id)
+    for port in ports:
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
