@@ -26,8 +26,8 @@ from mobykit.errors import BuildError, InvalidArgument
 from mobykit.image.assemble import assemble, local_inputs
 from mobykit.image.cache import Cache, ImageInfo, default_root, host_arch
 
-# Bump when the canonical tar's layout changes, so old input keys stop matching.
-BUILD_FORMAT = 1
+# Bump when the canonical tar or any output format changes, so old input keys stop matching.
+BUILD_FORMAT = 2
 DEFAULT_FORMATS = ("kernel+initrd",)
 
 
