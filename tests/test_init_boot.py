@@ -143,6 +143,10 @@ def failing() -> Run:
         img.add_bundle("onboot", "002-plain-rw", gk.oci_config(["/bin/sh", "-c", (
             'echo x > /new && echo "plain-rw: ok root=$(grep " / " /proc/mounts | cut -d" " -f3)"')],
             readonly=False))
+        # runtime.sh after_create (a veth pair) and a failing exit status must both reach the init
+        img.add_bundle("onboot", "003-netfail", gk.oci_config(["/bin/sh", "-c", (
+            'echo "netfail: links=$(ls /sys/class/net | tr "\\n" " ")"; exit 4')]),
+            runtime={"interfaces": [{"name": "nf0", "peer": "nf0-h"}]})
         img.add_bundle("services", "crash", gk.oci_config(["/bin/sh", "-c", "echo crash: starting; exit 7"]))
 
     user_data = json.dumps({
@@ -258,6 +262,11 @@ def test_failed_onboot_is_named_with_its_status(failing):
     assert "mobykit: onboot fail failed: exit 3" in failing.console
     lines = re.findall(r"^mobykit: (?:not )?ready.*$", failing.console, re.M)
     assert lines == ["mobykit: not ready sha256:unknown (onboot fail failed)"]
+
+
+def test_after_create_container_reports_its_exit_status(failing):
+    assert re.search(r"^netfail: links=lo nf0 $", failing.console, re.M), failing.console
+    assert "mobykit: onboot netfail failed: exit 4" in failing.console
 
 
 def test_boot_carries_on_after_a_failed_onboot(failing):

@@ -18,8 +18,8 @@ The script has two entry points (``sh runtime.sh prepare`` and ``sh runtime.sh a
 Every value comes from user YAML and is untrusted, so each one reaches the shell only as a single
 quoted word, and values the shell or the tools could misread (NUL bytes, interface names the kernel
 would refuse, option strings holding a comma) are refused at build time with the field named.
-A script that needs ``after_create`` carries the marker line ``# mobykit:after-create`` so the init
-can choose ``runc create``/``start`` for it and plain ``runc run`` otherwise.
+A script that needs ``after_create`` carries the marker line ``# mobykit:after-create``; for those
+bundles the init adds a runc createRuntime hook (/usr/bin/mobykit-hook) that calls it.
 """
 
 from __future__ import annotations
