@@ -60,6 +60,24 @@ def default_name(specs: list[Path | str]) -> str:
     return first.name.split(".")[0] if first.suffix else first.name
 
 
+def resolve_template(ref: str, specs: list[Path | str], cache: Cache) -> str:
+    """LinuxKit's ``@pkg:DIR`` names a package recipe instead of an image: the reference is the tag
+    that recipe builds to (content-hashed), built into the cache first if it is not there yet.
+    DIR is relative to the spec file, as in LinuxKit; with several files, the first that has it."""
+    from mobykit.spec.refs import TEMPLATE_PREFIX, is_template
+
+    if not is_template(ref):
+        return ref
+    rel = ref[len(TEMPLATE_PREFIX):].strip()
+    candidates = [Path(s).parent / rel for s in specs]
+    recipe = next((c for c in candidates if (c / "build.yml").is_file()), None)
+    if recipe is None:
+        raise InvalidArgument(f"{ref}: no package recipe (build.yml) at {candidates[0]}")
+    from mobykit.pkg.build import build as build_pkg
+
+    return build_pkg(recipe, cache=cache).ref
+
+
 def input_key(spec, images: dict[str, ImageInfo], locals_: dict[str, str], arch: str, mtime: int) -> str:
     """sha256 over everything the canonical tar is a function of; computed before any layer is read."""
     doc = {
@@ -120,7 +138,8 @@ def build(
     outdir = Path(outdir)
 
     registry = Registry(cache, insecure=insecure, progress=progress)
-    images = {ref: ensure(cache, ref, arch, pull=pull, registry=registry) for ref in spec.refs()}
+    concrete = {ref: resolve_template(ref, specs, cache) for ref in spec.refs()}
+    images = {ref: ensure(cache, concrete[ref], arch, pull=pull, registry=registry) for ref in spec.refs()}
     locals_ = local_inputs(spec)
     key = input_key(spec, images, locals_, arch, mtime)
     inputs = {ref: info.digest for ref, info in images.items()}
@@ -155,7 +174,8 @@ def build(
             "mobykit": __version__,
             "arch": arch,
             "formats": formats,
-            "inputs": [{"ref": ref, "digest": d} for ref, d in sorted(inputs.items())],
+            "inputs": [{"ref": ref, **({"resolved": concrete[ref]} if concrete[ref] != ref else {}), "digest": d}
+                       for ref, d in sorted(inputs.items())],
             "local-files": dict(sorted(locals_.items())),
             "outputs": sorted(p.name for p in produced),
         }
