@@ -3,10 +3,15 @@ exactly one argument, in LinuxKit's order, and refuses input it cannot express s
 
 The script runs under the host's sh and busybox sh with mount/mkdir/ip/nsenter replaced by
 recording shell functions (running the real mount here would change the host; the real tools are
-exercised by tests/test_init_boot.py inside a VM)."""
+exercised by tests/test_init_boot.py inside a VM).
+
+The other shell helpers the build puts in the guest - the LinuxKit JSON user-data writer and the
+sysctl applier - are tested here too, under busybox sh, on temp directories."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -190,3 +195,93 @@ def test_bad_input_names_the_field(runtime, field):
 def test_bundle_path_must_be_absolute():
     with pytest.raises(SpecError, match="absolute"):
         runtime_script({}, "containers/onboot/000-x")
+
+
+# --- the other build-to-guest shell helpers (run with busybox sh, as in the guest) ---------------
+
+REPO = Path(__file__).resolve().parents[1]
+USERDATA_JSON = REPO / "specs/pkgs/init/rootfs/usr/bin/mobykit-userdata-json"
+SYSCTL = REPO / "specs/pkgs/sysctl/rootfs/usr/bin/mobykit-sysctl"
+BUSYBOX = Path("/bin/busybox")
+needs_busybox = pytest.mark.skipif(not BUSYBOX.exists(), reason="busybox-static is not installed")
+
+
+def _userdata(tmp: Path, data: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BUSYBOX), "sh", str(USERDATA_JSON), str(tmp / "config")], input=data,
+                          capture_output=True, text=True, timeout=30)
+
+
+@needs_busybox
+def test_linuxkit_json_user_data_becomes_files(tmp_path):
+    data = json.dumps({
+        "ssh": {"perm": "0700", "entries": {"authorized_keys": {"content": "ssh-ed25519 AAA k\u00e9y\n", "perm": "0600"}}},
+        "hostname": {"content": "web-1"},
+        "quoted": {"content": "a \"b\" \\ / \t$(x)", "unknown": {"nested": [1, True, None]}},
+    })
+    r = _userdata(tmp_path, data)
+    assert r.returncode == 0, r.stderr
+    cfg = tmp_path / "config"
+    assert (cfg / "ssh/authorized_keys").read_text() == "ssh-ed25519 AAA k\u00e9y\n"
+    assert (cfg / "ssh/authorized_keys").stat().st_mode & 0o777 == 0o600
+    assert (cfg / "ssh").stat().st_mode & 0o777 == 0o700
+    assert (cfg / "hostname").read_text() == "web-1"
+    assert (cfg / "hostname").stat().st_mode & 0o777 == 0o644
+    assert (cfg / "quoted").read_text() == "a \"b\" \\ / \t$(x)"
+
+
+@needs_busybox
+@pytest.mark.parametrize("data", [
+    '{"ok": {"content": "x"}, "../escape": {"content": "y"}}',
+    '{"ok": {"content": "x"}, "d": {"entries": {"..": {"content": "y"}}}}',
+    '{"ok": {"content": "x"}, "a/b": {"content": "y"}}',
+    '{"ok": {"content": "x"}, "bad": {"content": "y", "perm": "0644; touch PWNED"}}',
+    '{"ok": {"content": "x"}, "trunc": {"content": "y"',
+    '{"ok": {"content": "x"}, "nul": {"content": "a\\u0000b"}}',
+])
+def test_bad_json_user_data_writes_nothing(tmp_path, data):
+    r = _userdata(tmp_path, data)
+    assert r.returncode != 0
+    assert "user data JSON" in r.stderr
+    assert not (tmp_path / "config").exists()
+    assert not list(tmp_path.rglob("PWNED")) and not (tmp_path / "escape").exists()
+
+
+@needs_busybox
+def test_sysctl_script_applies_skips_absent_and_fails_loudly(tmp_path):
+    proc = tmp_path / "proc_sys"
+    (proc / "kernel").mkdir(parents=True)
+    (proc / "kernel/kptr_restrict").write_text("0\n")
+    (proc / "net/ipv4/conf/all").mkdir(parents=True)
+    (proc / "net/ipv4/conf/all/rp_filter").write_text("0\n")
+    (proc / "kernel/readonly").mkdir()  # a directory: writing to it fails like a refused sysctl
+    conf = tmp_path / "sysctl.d"
+    conf.mkdir()
+    (conf / "10-a.conf").write_text("# comment\nkernel.kptr_restrict = 1\n; other comment\nkernel.absent=1\n")
+    (conf / "20-b.conf").write_text("kernel.kptr_restrict=2  # later file wins\nnet.ipv4.conf.all.rp_filter= 1\n")
+    env = {"PATH": "/usr/bin:/bin", "PROC_SYS": str(proc)}
+    r = subprocess.run([str(BUSYBOX), "sh", str(SYSCTL), str(conf)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (proc / "kernel/kptr_restrict").read_text() == "2\n"
+    assert (proc / "net/ipv4/conf/all/rp_filter").read_text() == "1\n"
+    assert "not in this kernel: kernel.absent" in r.stdout
+    (conf / "30-c.conf").write_text("kernel.readonly = 1\n-kernel.readonly = 1\n")
+    r = subprocess.run([str(BUSYBOX), "sh", str(SYSCTL), str(conf)], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stdout.count("cannot set kernel.readonly") == 1  # the "-" line is lenient
+
+
+def test_shipped_sysctl_settings_parse():
+    """Every line of the shipped settings is a comment, blank, or key = value with a dotted key."""
+    conf = REPO / "specs/pkgs/sysctl/rootfs/etc/sysctl.d/00-mobykit-hardening.conf"
+    keys = []
+    for line in conf.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, eq, value = line.partition("=")
+        assert eq and re.fullmatch(r"[a-z0-9_]+(\.[a-z0-9_*]+)+", key.strip()) and value.strip(), line
+        keys.append(key.strip())
+    assert len(keys) == len(set(keys))
+    assert {"kernel.kptr_restrict", "kernel.dmesg_restrict", "kernel.unprivileged_bpf_disabled",
+            "net.core.bpf_jit_harden", "kernel.yama.ptrace_scope", "kernel.kexec_load_disabled",
+            "dev.tty.ldisc_autoload", "fs.protected_symlinks", "fs.protected_regular"} <= set(keys)
