@@ -8,6 +8,7 @@ below then check one promise each against what the console showed."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.request
 from dataclasses import dataclass
@@ -105,10 +106,13 @@ def good() -> Run:
         img.add_bundle("onboot", "000-probe", gk.oci_config(["/bin/sh", "-c", (
             'echo "probe: capeff=$(grep CapEff /proc/self/status | cut -f2) pid=$$'
             ' mnt=$(readlink /proc/self/ns/mnt) pidns=$(readlink /proc/self/ns/pid)";'
+            ' echo "probe: owner=$(stat -c %u:%g /owned)";'
             ' if touch /x 2>/dev/null; then echo probe: rootfs=rw; else echo probe: rootfs=ro; fi')],
             caps=["CAP_CHOWN", "CAP_NET_BIND_SERVICE"], hostname="probe"),
             runtime={"mounts": [{"destination": "/containers/onboot/000-probe/rootfs",
-                                 "source": "/containers/onboot/000-probe/rootfs", "options": ["bind"]}]})
+                                 "source": "/containers/onboot/000-probe/rootfs", "options": ["bind"]}]},
+            files={"owned": "uid 1234 has no name in the init's /etc/passwd\n"})
+        os.chown(img.root / "containers/onboot/000-probe/rootfs/owned", 1234, 4321)
         img.add_bundle("onboot", "001-sysctl", gk.oci_config(
             ["/usr/bin/mobykit-sysctl"], caps=["CAP_SYS_ADMIN", "CAP_SYS_PTRACE"], namespaces=("pid", "mount", "ipc", "uts"),
             rw_proc_sys=True), extra_roots=[gk.SYSCTL_ROOTFS])
@@ -215,6 +219,10 @@ def test_onboot_container_has_its_own_pid_and_mount_namespaces(good):
     assert probe.group(1) == "1"
     assert probe.group(2) != host.group(1)
     assert probe.group(3) != host.group(2)
+
+
+def test_file_owners_survive_the_move_off_the_initramfs(good):
+    assert "probe: owner=1234:4321" in good.console
 
 
 def test_root_filesystems_are_read_only(good):

@@ -251,10 +251,10 @@ class GuestImage:
         return bundle
 
     def write_initrd(self, out: Path) -> Path:
-        """The staging tree as a gzip'd newc cpio (GNU cpio; device nodes are not needed: the
-        init mounts devtmpfs first)."""
+        """The staging tree as a gzip'd newc cpio (GNU cpio; owners as in the staging tree; device
+        nodes are not needed: the init mounts devtmpfs first)."""
         names = _run(["find", ".", "-mindepth", "1"], cwd=self.root).stdout
-        raw = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=self.root,
+        raw = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], cwd=self.root,
                              input=names.encode(), capture_output=True, check=True).stdout
         with gzip.open(out, "wb", compresslevel=1) as f:
             f.write(raw)
