@@ -75,7 +75,7 @@ class Run:
 
 def _boot_scenario(build, *, append: str = "", user_data: str | None = None, meta_data: str = "",
                    http: bool = False, ready: str = r"^mobykit: (not )?ready .*$",
-                   metadata: gk.FakeMetadata | None = None) -> Run:
+                   metadata: gk.FakeMetadata | None = None, press_power: bool = True) -> Run:
     parts = gk.parts()
     with gk.workdir() as w:
         img = gk.GuestImage(w, parts)
@@ -89,10 +89,11 @@ def _boot_scenario(build, *, append: str = "", user_data: str | None = None, met
             if http:
                 with urllib.request.urlopen(f"http://127.0.0.1:{g.http_port}/", timeout=30) as r:
                     body = r.read()
-            g.powerdown()
+            if press_power:
+                g.powerdown()
             code = g.wait_exit(90)
             text = g.text()
-            shutdown = text.find("mobykit: shutdown (poweroff)")
+            shutdown = text.find("mobykit: shutdown (")
             return Run(text, body, code, m.start(), shutdown)
 
 
@@ -193,6 +194,21 @@ def aws() -> tuple[Run, list]:
 def gcp() -> tuple[Run, list]:
     """No cidata; a GCP-style metadata server; only the gcp provider asked for."""
     return _cloud("gcp", append="mobykit.metadata=gcp")
+
+
+@pytest.fixture(scope="module")
+def rebooting() -> Run:
+    """A user-data script that asks for a reboot (busybox reboot: SIGTERM to PID 1) in the middle
+    of boot; no hostname anywhere, so the init names the machine after eth0's MAC."""
+
+    def build(img: gk.GuestImage) -> None:
+        img.add_system(image_id=IMAGE_ID)
+        img.add_bundle("services", "never", gk.oci_config(["/bin/echo", "never: started"]))
+        img.add_bundle("onshutdown", "000-bye", gk.oci_config(["/bin/echo", "bye: onshutdown ran"]))
+
+    script = '#!/bin/sh\necho "userdata: hostname=$(hostname)"\nreboot\n'
+    return _boot_scenario(build, user_data=script, meta_data="instance-id: i-2\n",
+                          ready=r"^mobykit: shutdown \(reboot\)$", press_power=False)
 
 
 # --- the good path -------------------------------------------------------------------------------
@@ -330,3 +346,17 @@ def test_gcp_user_data_and_keys(gcp):
     assert f"userdata: key={SSH_KEY} perm=600" in run.console
     assert requests and all(r[2].get("Metadata-Flavor") == "Google" for r in requests)
     assert not any(r[1].startswith("/latest/") for r in requests)  # mobykit.metadata=gcp: AWS not asked
+
+
+# --- reboot during boot ----------------------------------------------------------------------
+
+def test_hostname_defaults_to_the_mac(rebooting):
+    # qemu's first NIC is 52:54:00:12:34:56
+    assert "userdata: hostname=mobykit-525400123456" in rebooting.console, rebooting.console
+
+
+def test_reboot_request_runs_onshutdown_and_stops_the_boot(rebooting):
+    assert rebooting.console.find("bye: onshutdown ran") > rebooting.shutdown_at >= 0
+    assert "mobykit: ready" not in rebooting.console  # services never started, never claimed ready
+    assert "never: started" not in rebooting.console
+    assert rebooting.exit_code == 0  # reboot -f under -no-reboot ends qemu
