@@ -18,6 +18,11 @@ Why the design is what it is:
   ourselves and handing it to qemu would race every other process on the host. Every published
   port is kept in the domain metadata and reported as Description property ``Ports``
   (``{"80": 34567, "53/udp": 40001}``), so a user reaches each VM without asking qemu again.
+- ``list`` shows a domain only once ``create`` has finished with it (the metadata carries a
+  ``creating`` mark until then). A group controller counts a Provision in flight as a member until
+  it returns; were the half-made domain listed too, it would count it twice and scale down. A
+  create that never finished (the plugin died) is listed again after CREATE_GRACE seconds, so the
+  domain is found and cleaned up rather than leaked.
 - IDs are ``mobykit-<20-digit ns timestamp>-<4 hex>``: they sort by creation time and never repeat.
 
 Connection URI: property ``URI``, else config ``URI``, else ``$MOBYKIT_LIBVIRT_URI``, else
@@ -64,6 +69,7 @@ PROPERTY_DEFAULTS: dict[str, Any] = {
 }
 CONFIG_KEYS = ("URI", "Pool", "PoolPath", "DomainType", "Machine")
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
+CREATE_GRACE = 300.0  # seconds after which an unfinished create is listed anyway (see the docstring)
 
 _STATE_NAMES = {
     0: "pending",  # NOSTATE
@@ -429,7 +435,7 @@ class LibvirtProvider:
                 made_vols.append(cidata)
             meta = _Meta(tags=dict(spec.tags), logical_id=spec.logical_id, image=image,
                          created=created_ns(instance_id) or time.time_ns(),
-                         volumes=[v.name() for v in made_vols], pool=pool.name())
+                         volumes=[v.name() for v in made_vols], pool=pool.name(), creating=True)
             xml = self._domain_xml(conn, instance_id, props, kernel, initrd, cmdline,
                                    console.path(), cidata.path() if cidata else None, meta)
             dom = conn.defineXML(xml)
@@ -437,8 +443,9 @@ class LibvirtProvider:
             publish = [parse_publish(p) for p in props.get("Publish", [])]
             if publish:
                 meta.ports = self._bound_ports(conn, dom, publish)
-                flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | libvirt.VIR_DOMAIN_AFFECT_LIVE
-                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta.xml(), NS_PREFIX, NS, flags)
+            meta.creating = False  # from now on list() shows it
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | libvirt.VIR_DOMAIN_AFFECT_LIVE
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta.xml(), NS_PREFIX, NS, flags)
         except BaseException as e:
             if dom is not None:
                 _quietly(dom.destroy)
@@ -622,6 +629,8 @@ class LibvirtProvider:
                     continue  # removed while we looked
                 if meta is None or any(meta.tags.get(k) != v for k, v in tags.items()):
                     continue
+                if meta.creating and time.time_ns() - meta.created < CREATE_GRACE * 1e9:
+                    continue  # create() has not returned it yet (see the module docstring)
                 out.append(self._machine(dom, meta, uri))
         out.sort(key=lambda m: m.id)
         return out
@@ -645,15 +654,19 @@ class _Meta:
     """What we keep on the domain, as ``<mobykit:instance>`` XML (attributes and ``<tag>`` children)."""
 
     def __init__(self, tags: dict[str, str], logical_id: str | None, image: str | None, created: int,
-                 volumes: list[str], pool: str, ports: list[tuple[str, int, int]] | None = None):
+                 volumes: list[str], pool: str, ports: list[tuple[str, int, int]] | None = None,
+                 creating: bool = False):
         self.tags, self.logical_id, self.image = tags, logical_id, image
         self.created, self.volumes, self.pool = created, volumes, pool
         self.ports = list(ports or [])  # (proto, guest port, host port on 127.0.0.1)
+        self.creating = creating  # create() has not finished with the domain yet
 
     def element(self) -> ET.Element:
         root = ET.Element(f"{{{NS}}}instance")
         root.set("created", str(self.created))
         root.set("pool", self.pool)
+        if self.creating:
+            root.set("creating", "1")
         if self.logical_id is not None:
             root.set("logical-id", self.logical_id)
         if self.image:
@@ -689,7 +702,8 @@ class _Meta:
         ports = [(el.get("proto", "tcp"), int(el.get("guest", "0")), int(el.get("host", "0")))
                  for el in root if local(el) == "port"]
         return cls(tags=tags, logical_id=root.get("logical-id"), image=root.get("image"),
-                   created=int(root.get("created", "0")), volumes=volumes, pool=root.get("pool", ""), ports=ports)
+                   created=int(root.get("created", "0")), volumes=volumes, pool=root.get("pool", ""), ports=ports,
+                   creating=root.get("creating") == "1")
 
 
 def _read_meta(dom) -> _Meta | None:

@@ -230,3 +230,36 @@ def test_fixed_published_ports_are_reported_and_survive_retagging_and_a_new_prov
     finally:
         fresh.close()
     assert "Ports" not in provider.create(_spec({"t": "none"})).properties
+
+
+def _half_made_domain(name: str, created_ns: int) -> None:
+    """A domain as create() leaves it when the plugin dies between defineXML and its last step."""
+    from mobykit.providers.libvirt import NS
+
+    xml = (f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>"
+           f"<metadata><mobykit:instance xmlns:mobykit='{NS}' creating='1' created='{created_ns}' pool='mobykit-test'>"
+           "<mobykit:tag key='infrakit.group'>g</mobykit:tag></mobykit:instance></metadata></domain>")
+    conn = libvirt.open(URI)
+    try:
+        conn.defineXML(xml).create()
+    finally:
+        conn.close()
+
+
+def test_a_domain_is_listed_only_once_create_has_finished_with_it_or_long_after(provider):
+    """A group controller counts a Provision in flight as a member: a half-made domain listed as
+    well would be counted twice (and a scale down would destroy a healthy one)."""
+    import time
+
+    from mobykit.providers.libvirt import CREATE_GRACE
+
+    assert provider.list({}) == []  # opens the provider's connection: the mock's state lives while one is open
+    now = time.time_ns()
+    young, old = f"mobykit-{now:020d}-0001", f"mobykit-{now - int(CREATE_GRACE * 2e9):020d}-0002"
+    _half_made_domain(young, now)
+    _half_made_domain(old, now - int(CREATE_GRACE * 2e9))
+    done = provider.create(_spec({"infrakit.group": "g"}))
+    assert [m.id for m in provider.list({"infrakit.group": "g"})] == [old, done.id]  # a dead create is found
+    provider.destroy(young)  # and whatever is hidden can still be destroyed by id
+    provider.destroy(old)
+    assert [m.id for m in provider.list({})] == [done.id]

@@ -70,7 +70,7 @@ def start_libvirtd(timeout: float = 30.0, parent: str | Path | None = None) -> t
     if missing:
         raise Unavailable(f"a session libvirtd needs {', '.join(missing)} (apt-get install libvirt-daemon "
                           "libvirt-daemon-driver-qemu qemu-system-x86)")
-    root = Path(tempfile.mkdtemp(prefix="mobykit-libvirtd-", dir=parent))
+    root = Path(tempfile.mkdtemp(prefix="mobykit-lv-", dir=parent))
     os.chmod(root, 0o755)  # the daemon user must traverse it
     home, run = root / "home", root / "run"
     for d in (home, run, home / ".config" / "libvirt", home / ".cache", home / ".local" / "share"):
