@@ -36,6 +36,7 @@ CACHE_LINKS = ("buildah-cache", f"buildah-cache-{os.getuid()}")
 # re-signs TLS). Copied into the base image where update-ca-certificates picks them up when the
 # Dockerfile installs ca-certificates, so pip inside the build trusts what the host trusts.
 LOCAL_CAS = Path("/usr/local/share/ca-certificates")
+SYSTEM_CACHE_PARENT = Path("/var/lib/containers")
 
 # What the official slim image's apt sources look like (deb822), so apt-get in the Dockerfile sees
 # the same suites (point releases and security updates) as it would on the real image.
@@ -135,6 +136,11 @@ class Buildah:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         for name in CACHE_LINKS:
             (self.tmp / name).symlink_to(self.cache_dir, target_is_directory=True)
+        # containers/image records blob locations in /var/lib/containers/cache whatever --root says
+        # (it is keyed on the uid, not the store); each call runs in a private mount namespace with
+        # that directory shadowed by one of ours, so the host's copy is never written.
+        self.shadow = self.workdir / "shadow"
+        self.shadow.mkdir(exist_ok=True)
         self.env = dict(os.environ, TMPDIR=str(self.tmp), BUILDAH_ISOLATION="chroot")
         # The host's storage.conf may name another driver or options; ours is a plain overlay.
         self.env.pop("CONTAINERS_STORAGE_CONF", None)
@@ -143,8 +149,17 @@ class Buildah:
     def flags(self) -> list[str]:
         return ["--root", str(self.root), "--runroot", str(self.runroot), "--storage-driver", "overlay"]
 
+    def command(self, *args: str) -> list[str]:
+        """The argv for ``buildah ARGS`` on this storage, host paths shadowed (see above)."""
+        # /var/lib/containers is shadowed when present; on a host without it, /var/lib is (buildah
+        # would otherwise create /var/lib/containers/cache there).
+        target = SYSTEM_CACHE_PARENT if SYSTEM_CACHE_PARENT.is_dir() else SYSTEM_CACHE_PARENT.parent
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(self.shadow), str(target),
+                "buildah", *self.flags, *args]
+
     def __call__(self, *args: str, timeout: float = 1800, cwd: Path | None = None) -> str:
-        return _run(["buildah", *self.flags, *args], env=self.env, timeout=timeout, cwd=cwd).stdout
+        return _run(self.command(*args), env=self.env, timeout=timeout, cwd=cwd).stdout
 
     def import_rootfs(self, tarball: Path, name: str) -> str:
         """Commit a root filesystem tarball as image ``name`` (as ``docker import`` would); returns
