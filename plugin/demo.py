@@ -2,8 +2,9 @@
 
 1. build the package recipes the demo image specs use (``mobykit pkg build``; cached after the first
    run), then the two images (specs/images/demo.yml and demo-v2.yml);
-2. start a private session libvirtd and ``mobykit serve`` on a unix socket, both under one temp dir
-   (or use the libvirt at ``$MOBYKIT_LIBVIRT_URI``);
+2. start a private session libvirtd (in its own temp dir: qemu's monitor socket path deep inside
+   it must fit a unix socket address) and ``mobykit serve`` on a unix socket in the demo's temp dir,
+   or use the libvirt at ``$MOBYKIT_LIBVIRT_URI`` / ``--uri`` instead of the private daemon;
 3. commit specs/groups/demo.yml (3 VMs, each publishing port 80 on its own free 127.0.0.1 port),
    wait until all 3 are HEALTHY and show each VM's demo page fetched from this host;
 4. commit the same group with the v2 image and follow the rolling update (a new VM provisioned,
@@ -224,8 +225,8 @@ def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> None:
 @contextlib.contextmanager
 def stack(*, libvirt_config: dict[str, str] | None = None, cache_root: Path | None = None,
           group_id: str = "demo", say: Say = _quiet) -> Iterator[Stack]:
-    """A session libvirtd (unless ``libvirt_config`` names one) and ``mobykit serve``, under a temp
-    dir; on exit the group's VMs, the server, the daemon, the published images and the dir go."""
+    """A session libvirtd (unless ``libvirt_config`` names one) and ``mobykit serve``, each in a temp
+    dir; on exit the group's VMs, the server, the daemon, the published images and the dirs go."""
     from mobykit.image.cache import default_root
     from mobykit.rpc.client import connect
     from mobykit.run import libvirtd
