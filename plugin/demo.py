@@ -258,8 +258,9 @@ def stack(*, libvirt_config: dict[str, str] | None = None, cache_root: Path | No
 
 
 def _teardown(st: Stack | None, group_id: str, serve, daemon, proc, libvirt_config, say: Say) -> None:
-    """Every step runs even when an earlier one failed; a second Ctrl-C is held off meanwhile."""
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None
+    """Every step runs even when an earlier one failed; another Ctrl-C or SIGTERM is held off meanwhile."""
+    held = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in held}
     try:
         if st is not None:
             try:
@@ -280,8 +281,8 @@ def _teardown(st: Stack | None, group_id: str, serve, daemon, proc, libvirt_conf
             libvirtd.stop_libvirtd(daemon, proc)
             say("libvirtd stopped")
     finally:
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _sweep(libvirt_config: dict[str, str], group_id: str, images_before: set[str] | None) -> list[str]:
@@ -604,6 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, help="image cache (default $MOBYKIT_CACHE or ~/.cache/mobykit)")
     args = p.parse_args(argv)
     say = Printer()
+
+    def terminated(_sig, _frame):
+        raise KeyboardInterrupt  # the same orderly teardown as Ctrl-C (our children have their own session)
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         return run(uri=args.uri, cache_root=args.cache, say=say)
     except KeyboardInterrupt:
