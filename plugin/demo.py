@@ -45,13 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUP_SPEC = ROOT / "specs" / "groups" / "demo.yml"
 IMAGE_V1 = ROOT / "specs" / "images" / "demo.yml"
 IMAGE_V2 = ROOT / "specs" / "images" / "demo-v2.yml"
-RECIPES = ROOT / "specs" / "pkgs"
 GROUP_TAG = "infrakit.group"
 HASH_TAG = "infrakit.config.hash"
 IMAGE_TAG = "mobykit.image"
 GUEST_PORT = "80"
-# A mobykit/NAME:TAG reference in a spec; NAME is the recipe directory under specs/pkgs.
-_PKG_REF = re.compile(r"\bmobykit/(?P<name>[a-z0-9][a-z0-9._-]*):(?P<tag>[A-Za-z0-9._-]+)")
 _H1 = re.compile(r"<h1>(.*?)</h1>", re.S)
 
 Say = Callable[[str], None]
@@ -75,56 +72,6 @@ class Printer:
 
 
 # -- step 1: packages and images -----------------------------------------------------------------
-
-
-def package_refs(spec: Path) -> dict[str, str]:
-    """``{recipe name: tag}`` for every ``mobykit/NAME:TAG`` the spec file names."""
-    text = spec.read_text()
-    return {m.group("name"): m.group("tag") for m in _PKG_REF.finditer(text)}
-
-
-def build_packages(specs: list[Path], *, cache=None, recipes: Path = RECIPES, say: Say = _quiet) -> dict[str, str]:
-    """Build (or find cached) every recipe the specs use; returns ``{name: fresh ref}``."""
-    from mobykit.pkg.build import build
-
-    names = sorted({n for s in specs for n in package_refs(s)})
-    built = {}
-    for name in names:
-        where = recipes / name
-        if not (where / "build.yml").is_file():
-            raise SpecError(f"mobykit/{name}: no recipe {where}/build.yml to build it from",
-                            file=str(next(s for s in specs if name in package_refs(s))))
-        t = time.monotonic()
-        result = build(where, cache=cache)
-        built[name] = result.ref
-        how = f"built in {time.monotonic() - t:.0f}s" if result.rebuilt else "cached"
-        say(f"package {result.ref} ({how})")
-    return built
-
-
-def pin_specs(specs: list[Path], built: dict[str, str], outdir: Path, say: Say = _quiet) -> list[Path]:
-    """The specs as they are, or, where a tag is not what its recipe builds now, a copy in
-    ``outdir`` with the fresh tag (the demo runs what the recipes make today; the file names the
-    stale tag so the user can update it)."""
-    out = []
-    for spec in specs:
-        text = spec.read_text()
-
-        def fresh(m: re.Match) -> str:
-            return built.get(m.group("name"), m.group(0))
-
-        pinned = _PKG_REF.sub(fresh, text)
-        if pinned == text:
-            out.append(spec)
-            continue
-        stale = sorted({m.group(0) for m in _PKG_REF.finditer(text)} - set(built.values()))
-        say(f"note: {spec.name} names {', '.join(stale)}, but the recipes now build "
-            f"{', '.join(built[r.split('/')[1].split(':')[0]] for r in stale)}; using those (update the spec's tags)")
-        outdir.mkdir(parents=True, exist_ok=True)
-        copy_path = outdir / spec.name
-        copy_path.write_text(pinned)
-        out.append(copy_path)
-    return out
 
 
 def build_image(spec: Path, *, cache=None, say: Say = _quiet):
@@ -573,29 +520,25 @@ def run(*, uri: str | None = None, cache_root: Path | None = None, say: Say = pr
 
     cache_root = Path(cache_root or os.environ.get("MOBYKIT_CACHE") or default_root())
     cache = Cache(cache_root)
-    scratch = Path(tempfile.mkdtemp(prefix="mobykit-demo-specs-"))
-    try:
-        say(f"1/5 building packages and images (cache {cache_root})")
-        built = build_packages([IMAGE_V1, IMAGE_V2], cache=cache, say=say)
-        v1, v2 = pin_specs([IMAGE_V1, IMAGE_V2], built, scratch, say=say)
-        image1 = build_image(v1, cache=cache, say=say)
-        image2 = build_image(v2, cache=cache, say=say)
-        if image1.id == image2.id:
-            raise SpecError("builds the same image as demo.yml: nothing would roll", file=str(IMAGE_V2))
-        say("2/5 starting libvirt and mobykit serve")
-        libvirt_config = {"URI": uri, "Pool": "mobykit"} if uri else None
-        spec1, spec2 = group_spec(GROUP_SPEC, v1), group_spec(GROUP_SPEC, v2)
-        with stack(libvirt_config=libvirt_config, cache_root=cache_root, group_id=spec1.id, say=say) as st:
-            say(f"3/5 committing {GROUP_SPEC.relative_to(ROOT)} (3 VMs, image {image1.id[:19]})")
-            converge(st, spec1, say=say)
-            say(f"4/5 rolling to {IMAGE_V2.relative_to(ROOT)} (image {image2.id[:19]}), MaxSurge 1, MaxUnavailable 0")
-            result = roll(st, spec2, say=say)
-            say("5/5 tearing down")
-        ok = result.stats.rounds > 0 and result.stats.rounds_none_answered == 0
-        say("demo done" + ("" if ok else ": the service was not answering at some point (see above)"))
-        return 0 if ok else 1
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # The specs' @pkg: templates build the recipes they name into the cache on demand.
+    v1, v2 = IMAGE_V1, IMAGE_V2
+    say(f"1/5 building packages and images (cache {cache_root})")
+    image1 = build_image(v1, cache=cache, say=say)
+    image2 = build_image(v2, cache=cache, say=say)
+    if image1.id == image2.id:
+        raise SpecError("builds the same image as demo.yml: nothing would roll", file=str(IMAGE_V2))
+    say("2/5 starting libvirt and mobykit serve")
+    libvirt_config = {"URI": uri, "Pool": "mobykit"} if uri else None
+    spec1, spec2 = group_spec(GROUP_SPEC, v1), group_spec(GROUP_SPEC, v2)
+    with stack(libvirt_config=libvirt_config, cache_root=cache_root, group_id=spec1.id, say=say) as st:
+        say(f"3/5 committing {GROUP_SPEC.relative_to(ROOT)} (3 VMs, image {image1.id[:19]})")
+        converge(st, spec1, say=say)
+        say(f"4/5 rolling to {IMAGE_V2.relative_to(ROOT)} (image {image2.id[:19]}), MaxSurge 1, MaxUnavailable 0")
+        result = roll(st, spec2, say=say)
+        say("5/5 tearing down")
+    ok = result.stats.rounds > 0 and result.stats.rounds_none_answered == 0
+    say("demo done" + ("" if ok else ": the service was not answering at some point (see above)"))
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
