@@ -52,10 +52,11 @@ RUN --mount=type=cache,id=mobykit-apt,target=/var/cache/apt,sharing=locked \
     if [ -e "$clean" ]; then mv "$clean" /tmp/docker-clean; fi; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 libvirt0 ca-certificates openssh-client; \
+      python3 libvirt0 ca-certificates openssh-client xorriso; \
     if [ -e /tmp/docker-clean ]; then mv /tmp/docker-clean "$clean"; fi; \
     rm -rf /var/lib/apt/lists/*
 # openssh-client: libvirt's qemu+ssh:// URIs, the usual way to reach a host's libvirtd from here.
+# xorriso: the NoCloud config drive (user data) the libvirt provider attaches to each instance.
 COPY --from=build /opt/mobykit /opt/mobykit
 
 # A fixed unprivileged user: serving needs no root. Volume directories are created owned by it, so
@@ -84,7 +85,7 @@ WORKDIR /var/lib/mobykit
 USER mobykit
 
 # serve handles SIGTERM itself (letting calls in progress finish); run with --init so the
-# processes it starts (qemu-img, ssh) are reaped.
+# processes it starts (xorriso, ssh for qemu+ssh://, drain commands) are reaped.
 ENTRYPOINT ["mobykit"]
 # The config file is optional: without one every provider uses its SDK's standard environment
 # (LIBVIRT_DEFAULT_URI, AWS_*, GOOGLE_*). Mount one and point MOBYKIT_CONFIG at it, or override
