@@ -1,0 +1,26 @@
+"""Run every benchmark in bench/ in turn (what `make bench` does); each prints its own table.
+
+Figures go into BENCHMARKS.md with the command that produced them. Benchmarks report ratios
+against a floor measured in the same run, so a loaded or slow machine moves both sides.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHES = ("bench_build.py", "bench_flatten.py", "bench_boot.py", "bench_describe.py", "bench_group.py")
+
+
+def main() -> int:
+    here = Path(__file__).resolve().parent
+    failed = 0
+    for name in BENCHES:
+        print(f"\n## {name}\n", flush=True)
+        failed += subprocess.run([sys.executable, str(here / name)]).returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
