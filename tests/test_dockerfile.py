@@ -97,6 +97,16 @@ def test_runs_unprivileged_without_a_compiler(image: Buildah, container: str) ->
 
 
 @slow
+def test_apt_is_left_as_the_base_had_it(image: Buildah, container: str) -> None:
+    """Images built FROM this one get the slim image's apt behaviour (docker-clean back in place)
+    and no package lists or .debs ride along in the layers (they live in the build's cache mount)."""
+    out = run_in(image, container, "ls /etc/apt/apt.conf.d; echo lists: $(ls /var/lib/apt/lists | grep -v '^lock$' | "
+                 "grep -v '^partial$' | wc -l); echo debs: $(ls /var/cache/apt/archives | grep -c '[.]deb$')")
+    assert "docker-clean" in out.split(), out
+    assert "lists: 0" in out and "debs: 0" in out, out
+
+
+@slow
 def test_provider_libraries_load(image: Buildah, container: str) -> None:
     """The libvirt binding finds libvirt0 at run time (it was compiled in the build stage), and the
     cloud SDKs and gRPC import: each provider can be used by serve."""

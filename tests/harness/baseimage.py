@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "buildah"
 MIRROR = "http://deb.debian.org/debian"
 SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+# Bump when _slim changes, so a cached tarball made the old way is not reused.
+BASE_FORMAT = "slim2"
 CACHE_LINKS = ("buildah-cache", f"buildah-cache-{os.getuid()}")
 # Certificate authorities this machine adds to its trust store (e.g. an egress proxy that
 # re-signs TLS). Copied into the base image where update-ca-certificates picks them up when the
@@ -77,9 +80,52 @@ def require_tools() -> None:
             pytest.skip(f"{tool} is not installed (apt-get install {tool})")
 
 
+# The official image's build (debuerreotype) configures apt and dpkg for containers; the Dockerfile
+# must work with these in place, docker-clean above all (it empties /var/cache/apt after every
+# install, which is why the Dockerfile moves it aside under its cache mount). Same settings,
+# written here in our own words.
+CONTAINER_CONFIG: dict[str, tuple[str, int]] = {
+    "usr/sbin/policy-rc.d": ("#!/bin/sh\n# no service starts during image builds\nexit 101\n", 0o755),
+    "etc/dpkg/dpkg.cfg.d/docker-apt-speedup": ("force-unsafe-io\n", 0o644),
+    "etc/apt/apt.conf.d/docker-clean": (
+        'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb '
+        '/var/cache/apt/*.bin || true"; };\n'
+        'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb '
+        '/var/cache/apt/*.bin || true"; };\n'
+        'Dir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";\n', 0o644),
+    "etc/apt/apt.conf.d/docker-autoremove-suggests": ('Apt::AutoRemove::SuggestsImportant "false";\n', 0o644),
+    "etc/apt/apt.conf.d/docker-gzip-indexes": ('Acquire::GzipIndexes "true";\n', 0o644),
+    "etc/apt/apt.conf.d/docker-no-languages": ('Acquire::Languages "none";\n', 0o644),
+}
+# The "slim" variant: documentation, manuals and translations are dropped now and never installed
+# later (dpkg path-exclude), except licences and the locale alias table.
+SLIM_EXCLUDE = ("/usr/share/doc/*", "/usr/share/groff/*", "/usr/share/info/*", "/usr/share/linda/*",
+                "/usr/share/lintian/overrides/*", "/usr/share/locale/*", "/usr/share/man/*")
+SLIM_INCLUDE = ("/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias")
+
+
 def _slim(root: Path, suite: str) -> None:
-    """Trim a debootstrap tree the way the slim image is: no package lists or downloaded .debs,
-    no host identity; apt sources as the official image has them."""
+    """Make a debootstrap tree look like the official slim image: container apt/dpkg settings, no
+    docs or manuals, no package lists or downloaded .debs, no host identity, deb822 sources."""
+    for rel, (text, mode) in CONTAINER_CONFIG.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+        (root / rel).chmod(mode)
+    (root / "etc/dpkg/dpkg.cfg.d/docker").write_text(
+        "".join(f"path-exclude={p}\n" for p in SLIM_EXCLUDE) + "".join(f"path-include={p}\n" for p in SLIM_INCLUDE))
+    for pattern in SLIM_EXCLUDE:
+        top = root / pattern.strip("/").removesuffix("/*")
+        if not top.is_dir():
+            continue
+        for p in sorted(top.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            abs_path = "/" + str(p.relative_to(root))
+            if any(fnmatch.fnmatchcase(abs_path, inc) for inc in SLIM_INCLUDE):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # kept only if something included is inside
+            else:
+                p.unlink()
     for d in ("var/lib/apt/lists", "var/cache/apt/archives"):
         for p in (root / d).glob("*"):
             if p.is_file():
@@ -99,7 +145,7 @@ def debootstrap_tarball(suite: str = "bookworm", arch: str = "amd64") -> Path:
     Made in a temp dir beside the cache and renamed into place, so an interrupted run leaves no
     half-written tarball; a lock keeps two test runs from debootstrapping at once."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    out = CACHE / f"{suite}-minbase-{arch}.tar"
+    out = CACHE / f"{suite}-minbase-{arch}-{BASE_FORMAT}.tar"
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if out.exists():
