@@ -8,6 +8,8 @@ STAMPS := .stamps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
+# `mobykit pkg build` and the tests fetch guest pieces (kernel, busybox, runc) with `apt-get
+# download`, so the package lists must exist even when every package below is installed.
 # Debian packages the tests and the demo use: the local registry, qemu + a session libvirtd,
 # guest pieces (busybox, cpio, depmod), ISO and disk tools, skopeo/umoci for OCI layouts,
 # buildah for the Dockerfile test.
@@ -25,9 +27,12 @@ $(STAMPS)/apt: Makefile
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
+	if [ -n "$$missing" ] || ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq; \
+	fi; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@touch $@
 
