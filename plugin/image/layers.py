@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from mobykit.errors import BuildError, ImageError
-from mobykit.image.tree import BytesContent, Entry, FileContent, Tree, entry_from_tarinfo
+from mobykit.image.tree import KIND_OF_TARTYPE, BytesContent, Entry, FileContent, Tree, entry_from_tarinfo
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -283,17 +283,6 @@ def _check_parents(tree: Tree, path: str, where: _Where, name: str) -> None:
         parent = parent.rpartition("/")[0]
 
 
-_KINDS = {
-    tarfile.REGTYPE: "file",
-    tarfile.AREGTYPE: "file",
-    tarfile.CONTTYPE: "file",
-    tarfile.DIRTYPE: "dir",
-    tarfile.SYMTYPE: "symlink",
-    tarfile.LNKTYPE: "hardlink",
-    tarfile.CHRTYPE: "char",
-    tarfile.BLKTYPE: "block",
-    tarfile.FIFOTYPE: "fifo",
-}
 
 
 def _read_headers(fh: BinaryIO, start: int, end: int, where: _Where) -> list[tarfile.TarInfo]:
@@ -309,7 +298,7 @@ def _read_headers(fh: BinaryIO, start: int, end: int, where: _Where) -> list[tar
             where.entries += 1
             if where.entries > where.limits.max_entries:
                 raise where.error(f"more than {where.limits.max_entries} entries in the image (limit max_entries)")
-            if info.type in _KINDS and _KINDS[info.type] == "file" and info.offset_data + info.size > end:
+            if info.type in KIND_OF_TARTYPE and KIND_OF_TARTYPE[info.type] == "file" and info.offset_data + info.size > end:
                 raise where.error("truncated: file data runs past the end of the layer", path=info.name)
             members.append(info)
         stop = tf.offset
@@ -373,7 +362,7 @@ def _add_member(tree: Tree, info: tarfile.TarInfo, source: Path, where: _Where) 
     path = _norm(name, where)
     if not path:
         return  # the root directory's own entry: the image root is not an entry
-    kind = _KINDS.get(info.type)
+    kind = KIND_OF_TARTYPE.get(info.type)
     if kind is None or info.issparse():
         raise where.error(f"unsupported tar member type {info.type!r}", path=name)
     mode = info.mode & 0o7777

@@ -307,7 +307,7 @@ _TARTYPE = {
     "block": tarfile.BLKTYPE,
     "fifo": tarfile.FIFOTYPE,
 }
-_FROM_TARTYPE = {
+KIND_OF_TARTYPE = {
     tarfile.REGTYPE: "file",
     tarfile.AREGTYPE: "file",
     tarfile.CONTTYPE: "file",
@@ -382,7 +382,7 @@ def entry_from_tarinfo(info: tarfile.TarInfo, path: str, source_path: Path, base
     """A tar member as an Entry whose contents are referenced at their offset in ``source_path``
     (``base`` = where the tar itself starts in that file). Used for trusted tars; layers.py does
     its own checks first."""
-    kind = _FROM_TARTYPE[info.type]
+    kind = KIND_OF_TARTYPE[info.type]
     xattrs = {
         k[len(XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
         for k, v in info.pax_headers.items()
@@ -415,7 +415,7 @@ def read_tar(path: Path) -> Tree:
                 name = clean_path(info.name)
                 if not name:
                     continue
-                if info.type not in _FROM_TARTYPE or info.issparse():
+                if info.type not in KIND_OF_TARTYPE or info.issparse():
                     raise BuildError(f"{path}: {info.name}: unsupported tar member type {info.type!r}")
                 entry = entry_from_tarinfo(info, name, path)
                 if entry.type == "hardlink":
