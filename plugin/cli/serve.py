@@ -50,6 +50,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-infrakit", action="store_true", help="do not serve Infrakit's JSON-RPC socket")
     p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS", help="how long calls in progress may take to finish on SIGTERM")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics (groups, provisions, update progress) on http://HOST:PORT/metrics")
     p.add_argument("-v", "--verbose", action="store_true", help="log every call")
     p.set_defaults(func=run)
 
@@ -66,8 +68,30 @@ def _optional(module: str, attr: str):
     return getattr(mod, attr, None)
 
 
-def compose(config: dict[str, Any]):
-    """The plugin objects the server serves, from what is installed and configured."""
+# The config file's ``group:`` section -> the controller's Options (CamelCase, as Infrakit writes).
+GROUP_OPTIONS = {
+    "PollInterval": "poll_interval", "MaxParallel": "max_parallel", "SelfLogicalID": "self_logical_id",
+    "SelfID": "self_id", "BackoffInitial": "backoff_initial", "BackoffMax": "backoff_max",
+    "MaxFailures": "max_failures",
+}
+
+
+def group_options(config: dict[str, Any]):
+    """Controller options from ``group:`` in the config; unknown keys are named."""
+    from mobykit.group.controller import Options
+
+    section = config.get("group") or {}
+    if not isinstance(section, dict):
+        raise InvalidArgument("config: group: must be a mapping")
+    unknown = sorted(set(section) - set(GROUP_OPTIONS))
+    if unknown:
+        raise InvalidArgument(f"config: group: unknown key(s) {', '.join(unknown)} (known: {', '.join(GROUP_OPTIONS)})")
+    return Options(**{GROUP_OPTIONS[k]: v for k, v in section.items()})
+
+
+def compose(config: dict[str, Any], registry=None):
+    """The plugin objects the server serves, from what is installed and configured. ``registry``
+    (a prometheus CollectorRegistry) receives the group controllers' metrics."""
     from mobykit.core.instance import InstanceCore
     from mobykit.rpc.plugins import Plugins
 
@@ -85,7 +109,10 @@ def compose(config: dict[str, Any]):
     plugins = Plugins(instance=instance, flavors=flavors, config=config, instance_types=tuple(types))
     group_cls = _optional("mobykit.group.plugin", "GroupPluginImpl")
     if group_cls is not None:
-        plugins.group = group_cls(lambda name: resolve_instance(plugins, name), lambda name: resolve_flavor(plugins, name))
+        from mobykit.group.metrics import GroupMetrics
+
+        plugins.group = group_cls(lambda name: resolve_instance(plugins, name), lambda name: resolve_flavor(plugins, name),
+                                  options=group_options(config), metrics=GroupMetrics(registry))
     return plugins
 
 
@@ -129,15 +156,23 @@ def run(args: argparse.Namespace) -> int:
             Path(lst.target).parent.mkdir(parents=True, exist_ok=True)
 
     config = configuration.load(args.config)
-    plugins = compose(config)
+    registry = None
+    if args.metrics:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+    plugins = compose(config, registry)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
     server, bound = grpc_server.make_server(plugins, listens, tls=tls, insecure=args.insecure)
-    jsonrpc = None
+    jsonrpc = metrics = None
     try:
+        if args.metrics:
+            metrics = _serve_metrics(args.metrics, registry)
+            bound.append(f"metrics:http://{args.metrics}/metrics")
         if not args.no_infrakit:
             jsonrpc = JsonRpcServer(plugins, args.infrakit_socket or default_socket_path()).start()
             bound.append(f"infrakit:{jsonrpc.path}")
@@ -156,8 +191,22 @@ def run(args: argparse.Namespace) -> int:
             t.start()
         for t in threads:
             t.join()
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
         for lst in listens:
             if lst.kind == "unix":
                 Path(lst.target).unlink(missing_ok=True)
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _serve_metrics(address: str, registry):
+    """prometheus-client's own HTTP server on HOST:PORT (loopback is the sensible default)."""
+    from prometheus_client import start_http_server
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidArgument(f"--metrics {address!r}: expected HOST:PORT")
+    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    return server
