@@ -53,8 +53,8 @@ def local_inputs(spec) -> dict[str, str]:
 class _Unpacker:
     """Unpacks each image digest once; layer tars shared between images are decompressed once."""
 
-    def __init__(self, cache: Cache, images: dict[str, ImageInfo], work: Path):
-        self.cache, self.images, self.work = cache, images, work
+    def __init__(self, cache: Cache, images: dict[str, ImageInfo], work: Path, progress):
+        self.cache, self.images, self.work, self.progress = cache, images, work, progress
         self.trees: dict[str, Tree] = {}
 
     def __call__(self, ref: str) -> Tree:
@@ -64,12 +64,17 @@ class _Unpacker:
         if info.digest not in self.trees:
             # One work dir for all images: layers are named by digest there, so a layer that two
             # images share is decompressed once.
+            task = self.progress.task(f"unpack {ref}", total=sum(layer.size for layer in info.layers) or None)
             self.trees[info.digest] = unpack_image(self.cache, info, self.work / "layers")
+            task.advance(sum(layer.size for layer in info.layers))
+            task.done()
         return self.trees[info.digest]
 
 
 def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progress=None) -> Tree:
-    unpack = _Unpacker(cache, images, work)
+    from mobykit.image.progress import silent
+
+    unpack = _Unpacker(cache, images, work, progress or silent())
     tree = Tree()
     if spec.kernel is not None:
         _add_kernel(tree, spec.kernel, unpack(spec.kernel.image), work)

@@ -158,13 +158,20 @@ def build(
 
         tree = assemble(spec, images, cache, work, progress=progress)
         tar_path = staging / ".canonical.tar"  # the tar format links it as NAME.tar
+        task = progress.task(f"write {name}.tar ({len(tree)} entries)") if progress else None
         with open(tar_path, "wb") as out:
             digest = write_tar(tree, out, mtime)
+        if task:
+            task.done()
         image_id = f"sha256:{digest}"
         ctx = OutputContext(name=name, outdir=staging, tar_path=tar_path, image_id=image_id, mtime=mtime)
         produced: list[Path] = []
         for fmt in formats:
-            for path in FORMATS[fmt](ctx):
+            task = progress.task(f"format {fmt}") if progress else None
+            outputs_of_format = FORMATS[fmt](ctx)
+            if task:
+                task.done()
+            for path in outputs_of_format:
                 if path not in produced:
                     produced.append(path)
         meta = {
