@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ("bench_build.py", "bench_flatten.py", "bench_boot.py", "bench_describe.py", "bench_group.py")
+BENCHES = ("bench_build.py", "bench_flatten.py", "bench_boot.py", "bench_provision.py", "bench_describe.py",
+           "bench_group.py")
 
 
 def main() -> int:
