@@ -13,6 +13,7 @@ deterministic OCI manifest is written over them (same tarball -> same manifest d
 
 from __future__ import annotations
 
+import abc
 import json
 import posixpath
 import re
@@ -51,14 +52,17 @@ def _safe_rel(path: str, label: str, what: str) -> str:
     return norm
 
 
-class _Source:
+class _Source(abc.ABC):
+    """Where an archive's files are read from: a directory or a tar (the two importers share the
+    layout logic and differ only here)."""
+
     label: str
 
-    def exists(self, rel: str) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def exists(self, rel: str) -> bool: ...
 
-    def open(self, rel: str, what: str) -> tuple[BinaryIO, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def open(self, rel: str, what: str) -> tuple[BinaryIO, int]: ...
 
     def read_json(self, rel: str, what: str):
         f, size = self.open(rel, what)
@@ -71,12 +75,12 @@ class _Source:
         except (ValueError, UnicodeDecodeError) as e:
             raise ImageError(f"{rel}: not valid JSON: {e}", image=self.label) from None
 
+    @abc.abstractmethod
     def identity(self, rel: str, what: str) -> str:
         """What ``rel`` finally names after following links (to compare two entries)."""
-        raise NotImplementedError
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - a directory holds nothing open; the tar source closes its file
+        return None
 
 
 class _DirSource(_Source):
