@@ -253,16 +253,19 @@ def test_sysctl_script_applies_skips_absent_and_fails_loudly(tmp_path):
     (proc / "kernel/kptr_restrict").write_text("0\n")
     (proc / "net/ipv4/conf/all").mkdir(parents=True)
     (proc / "net/ipv4/conf/all/rp_filter").write_text("0\n")
+    (proc / "net/ipv4/ping_group_range").write_text("1 0\n")
     (proc / "kernel/readonly").mkdir()  # a directory: writing to it fails like a refused sysctl
     conf = tmp_path / "sysctl.d"
     conf.mkdir()
     (conf / "10-a.conf").write_text("# comment\nkernel.kptr_restrict = 1\n; other comment\nkernel.absent=1\n")
-    (conf / "20-b.conf").write_text("kernel.kptr_restrict=2  # later file wins\nnet.ipv4.conf.all.rp_filter= 1\n")
+    (conf / "20-b.conf").write_text("kernel.kptr_restrict=2  # later file wins\nnet.ipv4.conf.all.rp_filter= 1\n"
+                                    "\t net.ipv4.ping_group_range =\t1 2000 \n")
     env = {"PATH": "/usr/bin:/bin", "PROC_SYS": str(proc)}
     r = subprocess.run([str(BUSYBOX), "sh", str(SYSCTL), str(conf)], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (proc / "kernel/kptr_restrict").read_text() == "2\n"
     assert (proc / "net/ipv4/conf/all/rp_filter").read_text() == "1\n"
+    assert (proc / "net/ipv4/ping_group_range").read_text() == "1 2000\n"  # inner blanks kept, ends trimmed
     assert "not in this kernel: kernel.absent" in r.stdout
     (conf / "30-c.conf").write_text("kernel.readonly = 1\n-kernel.readonly = 1\n")
     r = subprocess.run([str(BUSYBOX), "sh", str(SYSCTL), str(conf)], env=env, capture_output=True, text=True, timeout=30)
