@@ -177,3 +177,13 @@ def test_uncached_image_without_network_is_a_clear_error(project, tmp_path):
     with pytest.raises(Exception) as e:
         build([project / "local.yml"], outdir=tmp_path / "out", cache=c)
     assert "127.0.0.1:9/nothing/here:1" in str(e.value)
+
+
+def test_cli_unwritable_output_dir_is_one_line_not_a_traceback(project, cache, tmp_path):
+    env = dict(os.environ, MOBYKIT_CACHE=str(cache.root))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = subprocess.run([sys.executable, "-m", "mobykit.cli.main", "build", "-o", str(blocker / "out"),
+                        str(project / "example.yml")], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("mobykit: error:") and str(blocker) in r.stderr

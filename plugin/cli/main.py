@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except MobykitError as e:
         print(f"mobykit: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the environment (permissions, a full disk, a missing directory), not a bug
+        print(f"mobykit: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mobykit: interrupted", file=sys.stderr)
         return 130

@@ -68,7 +68,7 @@ def find_boot_files(name: str | Path) -> BootFiles:
     missing = [str(p) for p in (kernel, initrd) if not p.is_file()]
     if missing:
         raise NotFound(f"{prefix}: no kernel+initrd build here (missing {', '.join(missing)}); "
-                       "build one with: mobykit build -format kernel+initrd")
+                       "build one with: mobykit build -f kernel+initrd")
     cmdline = cmdfile.read_text().strip() if cmdfile.is_file() else ""
     return BootFiles(kernel, initrd, cmdline)
 
