@@ -365,6 +365,10 @@ class Watcher:
                          f"port {v.port or '-'})")
             if v.health != (old.health if old else "UNKNOWN"):
                 extra = f": {page_summary(v.port)}" if v.health == "HEALTHY" and v.port else ""
+                if v.health == "UNHEALTHY" and tag == "old":
+                    # An old instance the controller is draining and destroying stops answering
+                    # (its console goes with it) before it leaves the listing.
+                    extra = " (old config: being replaced)"
                 self.say(f"  {v.id} {v.health}{extra}")
         for gone in sorted(set(self.known) - set(now)):
             self.say(f"- {gone} drained and destroyed")
