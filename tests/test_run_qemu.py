@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -208,3 +209,36 @@ def test_sigterm_kills_qemu_and_removes_the_iso(tiny: Path) -> None:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists()
     assert not iso.exists() and not iso.parent.exists()
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_does_not_cut_cleanup_short(tiny: Path, tmp_path: Path) -> None:
+    """GNU timeout sends SIGTERM to the command and again to its process group: the second signal,
+    landing while the first one's cleanup runs, must not stop qemu being killed and the cidata ISO
+    and temp dir being removed."""
+    set_mode(tiny, "silent")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, MOBYKIT_ACCEL="tcg", TMPDIR=str(scratch))
+    cli = subprocess.Popen([sys.executable, "-m", "mobykit.cli.main", "run", "qemu", str(tiny), "--data", "x"],
+                           cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if _qemu_child(cli.pid):
+                break
+            time.sleep(0.1)
+        assert _qemu_child(cli.pid), "qemu never started"
+        time.sleep(2)
+        for gap in (0.0, 0.02, 0.05, 0.1):
+            time.sleep(gap)
+            if cli.poll() is None:
+                cli.send_signal(signal.SIGTERM)
+        assert cli.wait(60) == 143
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    time.sleep(0.5)
+    assert list(scratch.iterdir()) == []
+    assert subprocess.run(["pgrep", "-f", str(scratch)], capture_output=True, text=True).stdout.split() == []

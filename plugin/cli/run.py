@@ -13,6 +13,11 @@ from pathlib import Path
 def _terminate(signum, frame) -> None:
     # qemu runs in its own session (so a terminal's Ctrl-C reaches us, not it); turn SIGTERM into
     # an exception so the cleanup that kills qemu by PID and removes the cidata ISO still runs.
+    # Later SIGTERMs are ignored: `timeout` sends one to the command and one to its process group,
+    # and a second exception raised inside the cleanup would cut it short.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
