@@ -187,3 +187,40 @@ def test_cli_unwritable_output_dir_is_one_line_not_a_traceback(project, cache, t
                         str(project / "example.yml")], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("mobykit: error:") and str(blocker) in r.stderr
+
+
+def test_identical_files_are_stored_once_as_hard_links(project, cache, tmp_path):
+    """busybox is in the init image and in every bundle's root: the tar holds its bytes once."""
+    out = tmp_path / "out"
+    build([project / "example.yml"], formats=["tar"], outdir=out, cache=cache)
+    with tarfile.open(out / "example.tar") as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        copies = [n for n in members if n.endswith("bin/busybox")]
+        assert len(copies) >= 4
+        holders = [n for n in copies if members[n].isfile()]
+        assert holders == [min(copies)]  # the first path in canonical order holds the bytes
+        assert all(members[n].islnk() and members[n].linkname == holders[0] for n in copies if n not in holders)
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(["tar", "-C", str(dest), "-xf", str(out / "example.tar")], check=True)
+    data = Path("/bin/busybox").read_bytes()
+    assert all((dest / n).read_bytes() == data for n in copies)
+
+
+def test_sharing_needs_equal_bytes_and_metadata():
+    from mobykit.image.assemble import share_identical_files
+    from mobykit.image.tree import Tree
+
+    tree = Tree()
+    blob = bytes(range(256)) * 32
+    tree.add_bytes("a/same", blob, mode=0o755)
+    tree.add_bytes("b/same", blob, mode=0o755)
+    tree.add_bytes("c/other-mode", blob, mode=0o644)
+    tree.add_bytes("d/other-owner", blob, mode=0o755, uid=1000)
+    tree.add_bytes("e/other-bytes", blob[:-1] + b"x", mode=0o755)
+    tree.add_bytes("f/small", b"tiny", mode=0o755)
+    tree.add_bytes("g/small", b"tiny", mode=0o755)
+    assert share_identical_files(tree) == 1
+    kinds = {e.path: (e.type, e.linkname) for e in tree if e.type != "dir"}
+    assert kinds["b/same"] == ("hardlink", "a/same")
+    assert all(kinds[p][0] == "file" for p in ("a/same", "c/other-mode", "d/other-owner", "e/other-bytes", "f/small", "g/small"))

@@ -85,7 +85,44 @@ def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progr
             rootfs = unpack(entry.image)
             add_bundle(tree, entry.prefix, entry, images[entry.image], rootfs, spec)
     _add_files(tree, spec)
+    share_identical_files(tree)
     return tree
+
+
+def share_identical_files(tree: Tree, min_size: int = 4096) -> int:
+    """Make files with the same bytes and metadata one hard-linked file; returns how many paths
+    became links. LinuxKit links a bundle to an earlier one of the same image; matching on
+    content goes further (the same busybox in five images is stored once), which makes the
+    initrd smaller and the guest's copy of it to a tmpfs faster. Safe because the root is
+    read-only at runtime and links share only what was equal: mode, owner, xattrs and bytes.
+    Candidates are grouped by size first, so only same-size files are ever hashed."""
+    from collections import defaultdict
+
+    from mobykit.image.tree import FileCache
+
+    by_shape: dict[tuple, list[Entry]] = defaultdict(list)
+    for entry in tree:
+        if entry.type == "file" and entry.size >= min_size and entry.source is not None:
+            by_shape[(entry.size, entry.mode, entry.uid, entry.gid, tuple(sorted(entry.xattrs.items())))].append(entry)
+    files = FileCache()
+    links = []
+    try:
+        for group in by_shape.values():
+            if len(group) < 2:
+                continue
+            by_digest: dict[bytes, list[str]] = defaultdict(list)
+            for entry in group:
+                h = hashlib.sha256()
+                for chunk in entry.source.chunks(files):
+                    h.update(chunk)
+                by_digest[h.digest()].append(entry.path)
+            for paths in by_digest.values():
+                links += [(path, paths[0]) for path in paths[1:]]  # paths are in canonical order
+    finally:
+        files.close()
+    for path, holder in links:
+        tree.add(Entry(path=path, type="hardlink", mode=0, linkname=holder))
+    return len(links)
 
 
 def _kernel_file(kernel_tree: Tree, path: str, what: str, ref: str, required: bool) -> Entry | None:

@@ -27,7 +27,7 @@ from mobykit.image.assemble import assemble, local_inputs
 from mobykit.image.cache import Cache, ImageInfo, default_root, host_arch
 
 # Bump when the canonical tar or any output format changes, so old input keys stop matching.
-BUILD_FORMAT = 2
+BUILD_FORMAT = 3
 DEFAULT_FORMATS = ("kernel+initrd",)
 
 
