@@ -224,3 +224,15 @@ def test_sharing_needs_equal_bytes_and_metadata():
     kinds = {e.path: (e.type, e.linkname) for e in tree if e.type != "dir"}
     assert kinds["b/same"] == ("hardlink", "a/same")
     assert all(kinds[p][0] == "file" for p in ("a/same", "c/other-mode", "d/other-owner", "e/other-bytes", "f/small", "g/small"))
+
+
+def test_initrd_from_the_held_tree_equals_one_from_the_canonical_tar(project, cache, tmp_path):
+    """The build hands formats the tree it wrote the tar from; parsing the tar gives the same bytes."""
+    out = tmp_path / "out"
+    r = build([project / "example.yml"], formats=["tar", "kernel+initrd"], outdir=out, cache=cache)
+    again = tmp_path / "again"
+    again.mkdir()
+    ctx = outputs.OutputContext(name="example", outdir=again, tar_path=out / "example.tar", image_id=r.image_id, mtime=0)
+    outputs.FORMATS["kernel+initrd"](ctx)
+    for suffix in ("-kernel", "-initrd.img", "-cmdline"):
+        assert (again / f"example{suffix}").read_bytes() == (out / f"example{suffix}").read_bytes(), suffix

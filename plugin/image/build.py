@@ -164,7 +164,7 @@ def build(
         if task:
             task.done()
         image_id = f"sha256:{digest}"
-        ctx = OutputContext(name=name, outdir=staging, tar_path=tar_path, image_id=image_id, mtime=mtime)
+        ctx = OutputContext(name=name, outdir=staging, tar_path=tar_path, image_id=image_id, mtime=mtime, tree=tree)
         produced: list[Path] = []
         for fmt in formats:
             task = progress.task(f"format {fmt}") if progress else None

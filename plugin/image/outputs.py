@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mobykit.errors import BuildError
+from mobykit.image.tree import Tree
 
 FORMATS: dict[str, Callable[[OutputContext], list[Path]]] = {}
 GZIP_LEVEL = 6
@@ -36,6 +37,15 @@ class OutputContext:
     tar_path: Path  # the canonical tar
     image_id: str  # "sha256:<hex>" of the canonical tar
     mtime: int  # the one timestamp of every output
+    # The Tree the canonical tar was written from, when the build still holds it: the same entries
+    # as the tar, so a format may use a copy of it instead of parsing the tar again.
+    tree: Tree | None = None
+
+    def canonical_tree(self) -> Tree:
+        """A Tree of the canonical tar that the caller may change."""
+        from mobykit.image.tree import read_tar
+
+        return self.tree.copy() if self.tree is not None else read_tar(self.tar_path)
 
 
 def register(name: str) -> Callable[[Callable[[OutputContext], list[Path]]], Callable[[OutputContext], list[Path]]]:
@@ -159,9 +169,8 @@ def _copy_content(entry, out: BinaryIO) -> None:
 def output_kernel_initrd(ctx: OutputContext) -> list[Path]:
     """``NAME-kernel``, ``NAME-initrd.img``, ``NAME-cmdline`` (see the module docstring)."""
     from mobykit.image.cpio import write_newc
-    from mobykit.image.tree import read_tar
 
-    tree = read_tar(ctx.tar_path)
+    tree = ctx.canonical_tree()
 
     def file_at(path: str):
         """The file at ``path``, through a hard link (its content may sit on another path)."""

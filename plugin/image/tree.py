@@ -145,6 +145,14 @@ class Tree:
         self._children: dict[str, set[str]] = {"": set()}
         self._links: dict[str, set[str]] = {}  # holder path -> hardlink paths pointing at it
 
+    def copy(self) -> Tree:
+        """An independent tree with the same entries (entries are never changed in place)."""
+        other = Tree()
+        other._entries = dict(self._entries)
+        other._children = {k: set(v) for k, v in self._children.items()}
+        other._links = {k: set(v) for k, v in self._links.items()}
+        return other
+
     # -- queries
     def get(self, path: str) -> Entry | None:
         return self._entries.get(clean_path(path))
