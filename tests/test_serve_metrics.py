@@ -35,15 +35,17 @@ def test_metrics_report_group_instances_and_provisions():
             "Flavor": {"Plugin": "mobykit/vanilla", "Properties": {"Init": ["echo hi"]}},
         })
         group.commit_group(spec, False)
+        # The gauges and the counter are updated by different threads: wait until all agree.
+        expected = ('group="web",health="healthy"} 2.0', 'mobykit_group_target_size{group="web"} 2.0',
+                    'mobykit_group_provisions_total{group="web",result="ok"} 2.0')
         deadline = time.monotonic() + 30
         while True:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            if 'mobykit_group_instances{config=' in text and 'group="web",health="healthy"} 2.0' in text:
+            if all(e in text for e in expected):
                 break
             assert time.monotonic() < deadline, text
             time.sleep(0.2)
-        assert 'mobykit_group_target_size{group="web"} 2.0' in text
-        assert 'mobykit_group_provisions_total{group="web",result="ok"} 2.0' in text
+        assert "mobykit_group_instances{config=" in text
 
 
 def test_unknown_group_option_is_named():
