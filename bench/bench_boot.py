@@ -5,7 +5,10 @@
 - image: minimal.yml's kernel+initrd, from qemu start to `mobykit: ready` on the serial console
   (init, modules, DHCP, user-data lookup, sysctl + hello onboot containers with runc, httpd);
 - floor: the same kernel and command line with a bare busybox initrd whose /init prints a marker
-  at once (a shell prompt's worth of work).
+  at once (a shell prompt's worth of work);
+- where the difference goes, from two more images booted in the same run (bench/specs): the same
+  kernel, command line and init with no containers (the init's own work: modules, DHCP, mounts),
+  and with one onboot container that does nothing (the difference is one "runc run").
 
 Same qemu flags for both (-M pc, TCG, 512 MiB, virtio-net user networking). Target: image/floor
 <= 1.5x. Also reports the initrd size beside LinuxKit's minimal image (about 35 MB).
@@ -74,14 +77,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mobykit-bench-boot-"))
     try:
         cache = Cache(os.environ.get("MOBYKIT_CACHE") or default_root())
-        r = build([ROOT / "specs/images/minimal.yml"], outdir=work, name="minimal", cache=cache)
-        cmdline = r.path("-cmdline").read_text().strip() + " mobykit.metadata=none"
+        builds = {name: build([spec], outdir=work, name=name, cache=cache) for name, spec in (
+            ("minimal", ROOT / "specs/images/minimal.yml"),
+            ("empty", ROOT / "bench/specs/boot-empty.yml"),
+            ("one", ROOT / "bench/specs/boot-one.yml"))}
+        r = builds["minimal"]
+        cmdline = r.path("-cmdline").read_text().strip()
+        for name, b in builds.items():
+            if b.path("-cmdline").read_text().strip() != cmdline or b.path("-kernel").read_bytes() != r.path("-kernel").read_bytes():
+                raise SystemExit(f"bench/specs: {name} must use minimal.yml's kernel and cmdline")
+        cmdline += " mobykit.metadata=none"
         floor_initrd(work / "floor-initrd.img")
-        image, floor = [], []
+        times: dict[str, list[float]] = {"floor": [], "empty": [], "one": [], "minimal": []}
         for _ in range(args.runs):
-            floor.append(time_to(b"FLOOR-SHELL-READY", r.path("-kernel"), work / "floor-initrd.img", cmdline))
-            image.append(time_to(b"mobykit: ready", r.path("-kernel"), r.path("-initrd.img"), cmdline))
-        i, f = statistics.median(image), statistics.median(floor)
+            times["floor"].append(time_to(b"FLOOR-SHELL-READY", r.path("-kernel"), work / "floor-initrd.img", cmdline))
+            for name in ("empty", "one", "minimal"):
+                times[name].append(time_to(b"mobykit: ready", r.path("-kernel"), builds[name].path("-initrd.img"), cmdline))
+        f, e, o, i = (statistics.median(times[k]) for k in ("floor", "empty", "one", "minimal"))
         size = r.path("-initrd.img").stat().st_size
         print(f"| measure (TCG, median of {args.runs}) | value | target |")
         print("|---|---|---|")
@@ -89,6 +101,10 @@ def main() -> int:
         print(f"| floor: same kernel, bare busybox initrd to a shell | {f:.2f} s | |")
         print(f"| image / floor | {i / f:.2f}x | <= 1.5x |")
         print(f"| minimal.yml initrd | {size / 1e6:.1f} MB | LinuxKit minimal: ~35 MB |")
+        print(f"| boot-empty.yml (init, no containers) to ready | {e:.2f} s ({e / f:.2f}x floor) | |")
+        print(f"| boot-one.yml (one no-op onboot container) to ready | {o:.2f} s | |")
+        print(f"| one `runc run` (boot-one - boot-empty) | {o - e:.2f} s | |")
+        print(f"| minimal.yml's three containers (minimal - boot-empty) | {i - e:.2f} s | |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
