@@ -32,7 +32,9 @@ from mobykit.image.cpio import write_newc
 from mobykit.image.tree import Tree
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOOR_INIT = b"#!/bin/busybox sh\n/bin/busybox echo FLOOR-SHELL-READY\nwhile :; do /bin/busybox sleep 60; done\n"
+FLOOR_INIT = (
+    b"#!/bin/busybox sh\n/bin/busybox echo FLOOR-SHELL-READY\nwhile :; do /bin/busybox sleep 60; done\n"
+)
 
 
 def floor_initrd(path: Path) -> None:
@@ -48,9 +50,25 @@ def floor_initrd(path: Path) -> None:
 
 
 def time_to(marker: bytes, kernel: Path, initrd: Path, cmdline: str, timeout: float = 300) -> float:
-    cmd = ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot",
-           "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-           "-nic", "user,model=virtio-net-pci"]
+    cmd = [
+        "qemu-system-x86_64",
+        "-M",
+        "pc",
+        "-accel",
+        "tcg",
+        "-m",
+        "512",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        cmdline,
+        "-nic",
+        "user,model=virtio-net-pci",
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -77,22 +95,33 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mobykit-bench-boot-"))
     try:
         cache = Cache(os.environ.get("MOBYKIT_CACHE") or default_root())
-        builds = {name: build([spec], outdir=work, name=name, cache=cache) for name, spec in (
-            ("minimal", ROOT / "specs/images/minimal.yml"),
-            ("empty", ROOT / "bench/specs/boot-empty.yml"),
-            ("one", ROOT / "bench/specs/boot-one.yml"))}
+        builds = {
+            name: build([spec], outdir=work, name=name, cache=cache)
+            for name, spec in (
+                ("minimal", ROOT / "specs/images/minimal.yml"),
+                ("empty", ROOT / "bench/specs/boot-empty.yml"),
+                ("one", ROOT / "bench/specs/boot-one.yml"),
+            )
+        }
         r = builds["minimal"]
         cmdline = r.path("-cmdline").read_text().strip()
         for name, b in builds.items():
-            if b.path("-cmdline").read_text().strip() != cmdline or b.path("-kernel").read_bytes() != r.path("-kernel").read_bytes():
+            if (
+                b.path("-cmdline").read_text().strip() != cmdline
+                or b.path("-kernel").read_bytes() != r.path("-kernel").read_bytes()
+            ):
                 raise SystemExit(f"bench/specs: {name} must use minimal.yml's kernel and cmdline")
         cmdline += " mobykit.metadata=none"
         floor_initrd(work / "floor-initrd.img")
         times: dict[str, list[float]] = {"floor": [], "empty": [], "one": [], "minimal": []}
         for _ in range(args.runs):
-            times["floor"].append(time_to(b"FLOOR-SHELL-READY", r.path("-kernel"), work / "floor-initrd.img", cmdline))
+            times["floor"].append(
+                time_to(b"FLOOR-SHELL-READY", r.path("-kernel"), work / "floor-initrd.img", cmdline)
+            )
             for name in ("empty", "one", "minimal"):
-                times[name].append(time_to(b"mobykit: ready", r.path("-kernel"), builds[name].path("-initrd.img"), cmdline))
+                times[name].append(
+                    time_to(b"mobykit: ready", r.path("-kernel"), builds[name].path("-initrd.img"), cmdline)
+                )
         f, e, o, i = (statistics.median(times[k]) for k in ("floor", "empty", "one", "minimal"))
         size = r.path("-initrd.img").stat().st_size
 
@@ -105,7 +134,9 @@ def main() -> int:
         print(f"| floor: same kernel, bare busybox initrd to a shell | {f:.2f} s | {spread('floor')} | |")
         print(f"| image / floor | {i / f:.2f}x | | <= 1.5x |")
         print(f"| minimal.yml initrd | {size / 1e6:.1f} MB | | LinuxKit minimal: ~35 MB |")
-        print(f"| boot-empty.yml (init, no containers) | {e:.2f} s ({e / f:.2f}x floor) | {spread('empty')} | |")
+        print(
+            f"| boot-empty.yml (init, no containers) | {e:.2f} s ({e / f:.2f}x floor) | {spread('empty')} | |"
+        )
         print(f"| boot-one.yml (one no-op onboot container) | {o:.2f} s | {spread('one')} | |")
         print(f"| a boot's first `runc run` (boot-one - boot-empty) | {o - e:.2f} s | | |")
         print(f"| minimal.yml's three containers (minimal - boot-empty) | {i - e:.2f} s | | |")
