@@ -130,8 +130,9 @@ def start_serve(workdir: Path, libvirt_config: dict[str, str], cache_root: Path,
     import yaml
 
     config = workdir / "config.yml"
+    # The server reads only what its operator allows; the demo's specs and recipes live in specs/.
     config.write_text(yaml.safe_dump({"providers": {"libvirt": libvirt_config}, "default_provider": "libvirt",
-                                      "cache": str(cache_root)}))
+                                      "cache": str(cache_root), "allow_paths": [str(ROOT / "specs")]}))
     sock = workdir / "mobykit.sock"
     log = workdir / "serve.log"
     env = dict(os.environ, MOBYKIT_CACHE=str(cache_root))

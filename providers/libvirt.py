@@ -36,6 +36,7 @@ import hashlib
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from mobykit.core import paths
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from mobykit.providers.base import BootImage, Machine, MachineSpec
 
@@ -336,11 +338,14 @@ class LibvirtProvider:
     def validate(self, properties: dict[str, Any]) -> None:
         validate_properties(properties)
         uri = urlparse(properties.get("URI") or self.uri)
+        if properties.get("URI") and uri.scheme.startswith("test") and uri.path not in ("", "/default"):
+            # test:///FILE makes libvirt read FILE (a custom driver state): a path like any other.
+            paths.resolve(uri.path, "Properties.URI")
         if uri.hostname or uri.scheme == "test":
             return  # the files are on another host, or never read (libvirt's mock driver)
         for key in ("Kernel", "Initrd"):
             path = properties.get(key)
-            if path and not os.path.isfile(path):
+            if path and not paths.resolve(path, f"Properties.{key}").is_file():
                 raise InvalidArgument(f"Properties.{key}: {path}: no such file")
 
     def publish_image(self, image: BootImage, properties: dict[str, Any] | None = None) -> str:
@@ -377,17 +382,30 @@ class LibvirtProvider:
             kernel, initrd = Path(props["Kernel"]), Path(props["Initrd"])
             cmdline = props.get("Cmdline") or DEFAULT_CMDLINE
             if self._is_test(conn):
+                for key in ("Kernel", "Initrd"):
+                    paths.resolve(props[key], f"Properties.{key}")
                 return str(kernel), str(initrd), cmdline, image
-            # Publish the files content-addressed so the daemon's user owns a copy it can open.
+            # Publish the files content-addressed so the daemon's user owns a copy it can open. Each
+            # is opened once through the server's path policy and copied while hashed, so what is
+            # published is what was checked and hashed (a file swapped meanwhile cannot slip in).
             digest = hashlib.sha256()
-            for p in (kernel, initrd):
-                with open(p, "rb") as fh:
-                    while chunk := fh.read(1 << 20):
-                        digest.update(chunk)
-                digest.update(b"\0")
-            boot = BootImage(id="sha256:" + digest.hexdigest(), name=kernel.name, kernel=kernel, initrd=initrd,
-                             cmdline=cmdline)
-            self.publish_image(boot, props)
+            with tempfile.TemporaryDirectory(prefix="mobykit-boot-") as tmp:
+                copies = []
+                for key in ("Kernel", "Initrd"):
+                    copy = Path(tmp) / key.lower()
+                    try:
+                        src = paths.open_file(props[key], f"Properties.{key}")
+                    except OSError as e:
+                        raise InvalidArgument(f"Properties.{key}: {props[key]}: {e.strerror}") from None
+                    with src, open(copy, "wb") as out:
+                        while chunk := src.read(1 << 20):
+                            digest.update(chunk)
+                            out.write(chunk)
+                    digest.update(b"\0")
+                    copies.append(copy)
+                boot = BootImage(id="sha256:" + digest.hexdigest(), name=kernel.name, kernel=copies[0],
+                                 initrd=copies[1], cmdline=cmdline)
+                self.publish_image(boot, props)
             hexid = digest.hexdigest()
             return (self._volume(pool, f"{hexid}.kernel").path(), self._volume(pool, f"{hexid}.initrd").path(),
                     cmdline, image)

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--tls-client-ca", type=Path, metavar="FILE", help="CA that signs the client certificates")
     p.add_argument("--insecure", action="store_true", help="allow TCP listeners without TLS (do not use off-host)")
     p.add_argument("--config", type=Path, metavar="FILE", help="config file (YAML; default $MOBYKIT_CONFIG)")
+    p.add_argument("--allow-path", action="append", metavar="DIR", default=[],
+                   help="a directory whose files requests may make the server read (specs, files: sources, "
+                   "@pkg: recipes, Kernel/Initrd); repeatable, with the config's allow_paths "
+                   "(default: the config file's directory, else the working directory)")
     p.add_argument(
         "--infrakit-socket",
         type=Path,
@@ -156,6 +160,11 @@ def run(args: argparse.Namespace) -> int:
             Path(lst.target).parent.mkdir(parents=True, exist_ok=True)
 
     config = configuration.load(args.config)
+    from mobykit.core import paths
+
+    policy = configuration.path_policy(config, args.allow_path, configuration.effective_path(args.config))
+    paths.install(policy)  # before anything is served: every request-named path is checked from now on
+    log.info("requests may name files under: %s", policy.describe())
     registry = None
     if args.metrics:
         from prometheus_client import CollectorRegistry

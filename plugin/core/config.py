@@ -2,7 +2,7 @@
 
 YAML, from ``--config FILE`` or ``$MOBYKIT_CONFIG``; absent means defaults. Shape:
 ``{providers: {libvirt: {...}, aws: {...}, gcp: {...}, memory: {...}}, default_provider: NAME,
-cache: DIR}``. Each
+cache: DIR, allow_paths: [DIR...]}``. Each
 provider section is handed to that provider unread: only the provider knows its keys, so an
 unknown key there is reported by the provider, naming it. Top-level keys are checked here.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from mobykit.errors import InvalidArgument
 
-TOP_LEVEL_KEYS = ("providers", "default_provider", "cache", "flavors", "group")
+TOP_LEVEL_KEYS = ("providers", "default_provider", "cache", "flavors", "group", "allow_paths")
 ENV = "MOBYKIT_CONFIG"
 
 
@@ -38,7 +38,29 @@ def load(path: str | Path | None = None) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise InvalidArgument(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    return check(data, str(path))
+    out = check(data, str(path))
+    # Relative allow_paths are the config file's, like every other path an operator writes in it.
+    if out.get("allow_paths"):
+        out["allow_paths"] = [str(path.parent.absolute() / os.path.expanduser(d)) for d in out["allow_paths"]]
+    return out
+
+
+def effective_path(path: str | Path | None) -> Path | None:
+    """The config file ``load`` reads for ``path``: it, else ``$MOBYKIT_CONFIG``, else none."""
+    path = path or os.environ.get(ENV) or None
+    return Path(path) if path is not None else None
+
+
+def path_policy(config: dict[str, Any], extra: list[str] | None = None, config_file: Path | None = None):
+    """What a server may read on behalf of its clients (``mobykit.core.paths``): ``--allow-path``
+    and the config's ``allow_paths``; with neither, the config file's directory, else the working
+    directory. The first root is where relative request paths and inline specs are taken from."""
+    from mobykit.core.paths import PathPolicy
+
+    dirs = list(extra or []) + list(config.get("allow_paths") or [])
+    if not dirs:
+        dirs = [str(config_file.parent.absolute()) if config_file is not None else os.getcwd()]
+    return PathPolicy.under(dirs)
 
 
 def check(data: Any, source: str = "config") -> dict[str, Any]:
@@ -56,6 +78,9 @@ def check(data: Any, source: str = "config") -> dict[str, Any]:
     for name, section in providers.items():
         if section is not None and not isinstance(section, dict):
             raise InvalidArgument(f"{source}: providers.{name}: must be a mapping, got {type(section).__name__}")
+    allow = data.get("allow_paths")
+    if allow is not None and (not isinstance(allow, list) or not all(isinstance(d, str) and d for d in allow)):
+        raise InvalidArgument(f"{source}: allow_paths: must be a list of directories")
     out = dict(data)
     out["providers"] = {name: dict(section or {}) for name, section in providers.items()}
     return out

@@ -37,9 +37,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
+from mobykit.core import paths as server_paths
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
 from mobykit.flavor import health as probes
 from mobykit.flavor.properties import duration, fields, join_init, string_list, string_map
@@ -86,18 +86,19 @@ def parse(properties: Any, check_files: bool = True) -> MobyProperties:
     if image is None or image == "" or image == [] or image == {}:
         raise InvalidArgument("Properties.Image: required: a spec file path, a list of paths, or an inline spec")
     if isinstance(image, str):
-        paths = [image]
+        spec_paths = [image]
     elif isinstance(image, list):
         if not all(isinstance(p, str) and p for p in image):
             raise InvalidArgument("Properties.Image: a list must hold spec file paths")
-        paths = image
+        spec_paths = image
     elif isinstance(image, dict):
-        paths = []
+        spec_paths = []
     else:
         raise InvalidArgument("Properties.Image: expected a spec path, a list of paths, or an inline spec object")
-    for p in paths if check_files else ():
-        if not Path(p).is_file():
-            raise InvalidArgument(f"Properties.Image: {p}: no such spec file")
+    for i, p in enumerate(spec_paths if check_files else ()):
+        name = f"Properties.Image[{i}]" if isinstance(image, list) else "Properties.Image"
+        if not server_paths.resolve(p, name).is_file():  # refused outside the server's allowed roots
+            raise InvalidArgument(f"{name}: {p}: no such spec file")
 
     h = fields(props.get("Health"), HEALTH_KEYS, "Properties.Health")
     mode = h.get("Mode", "console")
@@ -164,7 +165,7 @@ class MobyFlavor:
             from mobykit.image.cache import Cache
 
             cache = Cache(self.config["cache"])
-        return store.build_and_store(image, cache=cache)
+        return store.build_and_store(image, cache=cache, field="Properties.Image")
 
     def probe(self) -> probes.InstanceProbe:
         with self._lock:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import yaml
 
+from mobykit.core import paths
 from mobykit.errors import ImageError, SpecError
 from mobykit.image.bundle import add_bundle
 from mobykit.image.cache import Cache, ImageInfo
@@ -35,19 +37,33 @@ def local_inputs(spec) -> dict[str, str]:
         if not f.source:
             continue
         path = Path(f.source)
-        if not path.exists():
+        h = hashlib.sha256()
+        try:
+            with _open_source(f) as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        except FileNotFoundError:
             if f.optional:
                 digests[str(path)] = "absent"
                 continue
-            raise SpecError(f"source file {path} does not exist", file=f.file, line=f.line, field=f"{f.field}.source")
-        if path.is_dir():
-            raise SpecError(f"source {path} is a directory; only files can be copied", file=f.file, line=f.line, field=f"{f.field}.source")
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+            raise SpecError(f"source file {path} does not exist", file=f.file, line=f.line, field=f"{f.field}.source") from None
         digests[str(path)] = "sha256:" + h.hexdigest()
     return digests
+
+
+def _open_source(f):
+    """A ``files:`` entry's source, opened once through the server's path policy (so a server reads
+    only under its allowed roots, and a symlink swapped in after the spec was checked is caught)."""
+    where = {"file": f.file, "line": f.line}
+    try:
+        return paths.open_file(f.source, f"{f.field}.source", **where)
+    except IsADirectoryError:
+        raise SpecError(f"source {f.source} is a directory; only files can be copied",
+                        field=f"{f.field}.source", **where) from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise SpecError(f"cannot read source {f.source}: {e.strerror}", field=f"{f.field}.source", **where) from None
 
 
 class _Unpacker:
@@ -84,7 +100,7 @@ def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progr
         for entry in getattr(spec, kind):
             rootfs = unpack(entry.image)
             add_bundle(tree, entry.prefix, entry, images[entry.image], rootfs, spec)
-    _add_files(tree, spec)
+    _add_files(tree, spec, work)
     share_identical_files(tree)
     return tree
 
@@ -151,10 +167,10 @@ def _add_kernel(tree: Tree, kernel, kernel_tree: Tree, work: Path) -> None:
         tree.add(dataclasses.replace(ucode, path="boot/ucode.cpio", mode=0o644, uid=0, gid=0))
 
 
-def _add_files(tree: Tree, spec) -> None:
+def _add_files(tree: Tree, spec, work: Path) -> None:
     """The ``files`` section, LinuxKit's way: default modes 0600/0700, missing leading directories
     made with the entry's owner and a searchable version of its mode."""
-    for f in spec.files:
+    for i, f in enumerate(spec.files):
         path = f.path.strip("/")
         parent = path.rpartition("/")[0]
         missing = []
@@ -168,12 +184,22 @@ def _add_files(tree: Tree, spec) -> None:
         elif f.symlink is not None:
             tree.add(Entry(path=path, type="symlink", mode=0o777, uid=f.uid, gid=f.gid, linkname=f.symlink))
         elif f.source and not f.metadata and f.contents is None:
-            source = Path(f.source)
-            if not source.exists() and f.optional:
-                continue
-            size = source.stat().st_size  # streamed from the file at write time, never held
+            # Copied into the work directory from the one checked open: the tar is later written
+            # from that copy, never by opening the user's path again.
+            try:
+                with _open_source(f) as fh:
+                    copy = work / "files" / str(i)
+                    copy.parent.mkdir(exist_ok=True)
+                    with open(copy, "wb") as out:
+                        shutil.copyfileobj(fh, out, 1 << 20)
+            except FileNotFoundError:
+                if f.optional:
+                    continue
+                raise SpecError(f"source file {f.source} does not exist", file=f.file, line=f.line,
+                                field=f"{f.field}.source") from None
+            size = copy.stat().st_size
             tree.add(Entry(path=path, type="file", mode=f.effective_mode, uid=f.uid, gid=f.gid, size=size,
-                           source=FileContent(source, 0, size)))
+                           source=FileContent(copy, 0, size)))
         else:
             tree.add_bytes(path, _file_contents(f, spec), mode=f.effective_mode, uid=f.uid, gid=f.gid)
 

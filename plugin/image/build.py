@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobykit import __version__
+from mobykit.core import paths
 from mobykit.errors import BuildError, InvalidArgument
 from mobykit.image.assemble import assemble, local_inputs
 from mobykit.image.cache import Cache, ImageInfo, default_root, host_arch
+from mobykit.spec.load import SpecSource
 
 # Bump when the canonical tar or any output format changes, so old input keys stop matching.
 BUILD_FORMAT = 3
@@ -55,21 +57,24 @@ def source_date_epoch() -> int:
     return int(value)
 
 
-def default_name(specs: list[Path | str]) -> str:
-    first = Path(specs[0])
+def default_name(specs: list[Path | str | SpecSource]) -> str:
+    first = Path(SpecSource.of(specs[0]).name)
     return first.name.split(".")[0] if first.suffix else first.name
 
 
-def resolve_template(ref: str, specs: list[Path | str], cache: Cache) -> str:
+def resolve_template(ref: str, specs: list[Path | str | SpecSource], cache: Cache) -> str:
     """LinuxKit's ``@pkg:DIR`` names a package recipe instead of an image: the reference is the tag
     that recipe builds to (content-hashed), built into the cache first if it is not there yet.
-    DIR is relative to the spec file, as in LinuxKit; with several files, the first that has it."""
+    DIR is relative to the spec file, as in LinuxKit; with several files, the first that has it.
+    On a server the recipe directory must be under the allowed roots (``mobykit.core.paths``)."""
     from mobykit.spec.refs import TEMPLATE_PREFIX, is_template
 
     if not is_template(ref):
         return ref
     rel = ref[len(TEMPLATE_PREFIX):].strip()
-    candidates = [Path(s).parent / rel for s in specs]
+    # Each candidate is checked before it is looked at, so a refusal cannot be used to probe
+    # which directories exist outside the roots.
+    candidates = [paths.resolve(SpecSource.of(s).directory() / rel, f"{ref}: package recipe") for s in specs]
     recipe = next((c for c in candidates if (c / "build.yml").is_file()), None)
     if recipe is None:
         raise InvalidArgument(f"{ref}: no package recipe (build.yml) at {candidates[0]}")
@@ -106,7 +111,7 @@ def _up_to_date(meta_path: Path, key: str, formats: list[str]) -> dict | None:
 
 
 def build(
-    specs: list[Path | str],
+    specs: list[Path | str | SpecSource],
     *,
     formats: list[str] | None = None,
     outdir: Path | str,
@@ -124,7 +129,7 @@ def build(
 
     if not specs:
         raise InvalidArgument("no spec file given")
-    spec = load([str(s) for s in specs])
+    spec = load([s if isinstance(s, SpecSource) else str(s) for s in specs])
     formats = list(formats or spec.outputs or DEFAULT_FORMATS)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:

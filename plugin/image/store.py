@@ -17,9 +17,11 @@ from typing import Any
 
 import yaml
 
+from mobykit.core import paths
 from mobykit.errors import InvalidArgument, NotFound
 from mobykit.image.cache import Cache, default_root
 from mobykit.providers.base import BootImage
+from mobykit.spec.load import SpecSource
 
 
 def _cache(cache: Cache | None) -> Cache:
@@ -33,34 +35,43 @@ def _hex(image_id: str) -> str:
     return hexpart
 
 
-def spec_paths(spec: str | Path | dict[str, Any] | list, cache: Cache) -> list[Path]:
-    """Spec files for a flavor's ``Image`` property: a path, a list of paths, or an inline spec
-    (written content-addressed under the cache, so the same inline spec is the same file)."""
+def spec_sources(spec: str | Path | dict[str, Any] | list, field: str = "Image") -> list[SpecSource]:
+    """The spec documents a flavor's ``Image`` property (or an Images.Build request) names: a path, a
+    list of paths, or an inline spec. Paths are checked against the server's allowed roots here,
+    naming ``field``, and opened through the same check when read; an inline spec is parsed from
+    its text, and its relative ``source:`` and ``@pkg:`` paths are taken from the first root."""
     if isinstance(spec, dict):
-        text = yaml.safe_dump(spec, sort_keys=True).encode()
-        path = cache.root / "specs" / f"{hashlib.sha256(text).hexdigest()[:32]}.yml"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(text)
-            os.replace(tmp, path)
-        return [path]
+        text = yaml.safe_dump(spec, sort_keys=True)
+        return [SpecSource(name=field, text=text, base=paths.current().base(), field=field)]
     if isinstance(spec, (str, Path)):
-        return [Path(spec)]
-    if isinstance(spec, list) and spec and all(isinstance(s, (str, Path)) for s in spec):
-        return [Path(s) for s in spec]
-    raise InvalidArgument("Image: expected a spec path, a list of paths, or an inline spec object")
+        spec = [spec]
+    if isinstance(spec, list) and spec and all(isinstance(s, (str, Path)) and str(s) for s in spec):
+        many = len(spec) > 1
+        out = []
+        for i, s in enumerate(spec):
+            name = f"{field}[{i}]" if many else field
+            out.append(SpecSource(name=str(s), path=paths.resolve(s, name), field=name))
+        return out
+    if isinstance(spec, list) and spec and all(isinstance(s, SpecSource) for s in spec):
+        return list(spec)
+    raise InvalidArgument(f"{field}: expected a spec path, a list of paths, or an inline spec object")
 
 
-def build_and_store(spec, *, cache: Cache | None = None, pull: bool = False, progress=None) -> BootImage:
+def _build_key(sources: list[SpecSource]) -> str:
+    """The build directory of a set of spec documents: by path, or by text and base when inline."""
+    parts = [str(Path(s.path).resolve()) if s.path is not None else f"inline:{s.base}:{s.text}" for s in sources]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def build_and_store(spec, *, cache: Cache | None = None, pull: bool = False, progress=None,
+                    field: str = "Image") -> BootImage:
     """Build ``spec`` as kernel+initrd (a no-op when its inputs are unchanged) and keep it by id."""
     from mobykit.image.build import build
 
     cache = _cache(cache)
-    paths = [p.resolve() for p in spec_paths(spec, cache)]
-    key = hashlib.sha256("\0".join(map(str, paths)).encode()).hexdigest()[:32]
-    result = build(paths, formats=["kernel+initrd"], outdir=cache.root / "builds" / key, name="image",
-                   cache=cache, pull=pull, progress=progress)
+    sources = spec_sources(spec, field)
+    result = build(sources, formats=["kernel+initrd"], outdir=cache.root / "builds" / _build_key(sources),
+                   name="image", cache=cache, pull=pull, progress=progress)
     where = cache.root / "images" / _hex(result.image_id)
     if not (where / "image.json").exists():
         where.mkdir(parents=True, exist_ok=True)
@@ -71,7 +82,9 @@ def build_and_store(spec, *, cache: Cache | None = None, pull: bool = False, pro
                 os.link(result.path(src), target)
             except OSError:
                 target.write_bytes(result.path(src).read_bytes())
-        meta = {"id": result.image_id, "name": Path(paths[0]).stem, "inputs": result.inputs}
+        first = sources[0]
+        meta = {"id": result.image_id, "name": Path(first.path).stem if first.path else "inline",
+                "inputs": result.inputs}
         (where / "image.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(where / "image.json.tmp", where / "image.json")
     return get(result.image_id, cache)

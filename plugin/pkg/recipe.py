@@ -18,11 +18,13 @@ Fields (all optional but at least one source of content):
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mobykit.core import paths
 from mobykit.errors import SpecError
 from mobykit.spec.yamlfile import Document, parse
 
@@ -117,6 +119,11 @@ def _file_specs(doc: Document, data: dict, base: Path) -> list[FileSpec]:
         if not isinstance(src, str) or not src or Path(src).is_absolute() or ".." in Path(src).parts:
             raise doc.error("must be a relative path inside the recipe directory", (*where, "source"))
         path = base / src
+        if not paths.current().allows(Path(os.path.realpath(path.parent)) / path.name):
+            # A symlinked directory on the way out of the recipe: a server must not copy from it.
+            # (A symlink as the last component is copied as a link, never followed.)
+            raise doc.error(f"{src}: leads outside the paths this server may read "
+                            f"({paths.current().describe()})", (*where, "source"))
         if not path.exists() and not path.is_symlink():
             raise doc.error(f"{path} does not exist", (*where, "source"))
         dest = item.get("dest", "/")
@@ -143,7 +150,7 @@ def load(recipe_dir: Path | str) -> Recipe:
     path = p if p.name == "build.yml" or p.is_file() else p / "build.yml"
     shown = str(path)
     try:
-        text = path.read_bytes()
+        text = paths.read_bytes(path, "package recipe")
     except OSError as e:
         raise SpecError(f"cannot read recipe: {e.strerror}", file=shown) from None
     doc = parse(text, shown)

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import stat
-import tempfile
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -230,19 +229,16 @@ class ImagesService(pbg.ImagesServicer):
         store = _store()
         if not req.spec_paths and not req.spec_yaml:
             raise InvalidArgument("spec_paths/spec_yaml: at least one spec is required")
-        with tempfile.TemporaryDirectory(prefix="mobykit-spec-") as tmp:
-            paths: list[str] = list(req.spec_paths)
-            for i, text in enumerate(req.spec_yaml):
-                p = Path(tmp) / f"spec_yaml[{i}].yml"  # the name shows up in SpecError messages
-                p.write_text(text)
-                paths.append(str(p))
-            try:
-                image = store.build_and_store(paths, pull=req.pull, **self._cache_kwargs())
-            except Exception as e:
-                # Name inline specs as the request does (spec_yaml[0].yml:3: ...), not by a temp path.
-                if e.args and isinstance(e.args[0], str):
-                    e.args = (e.args[0].replace(f"{tmp}/", ""), *e.args[1:])
-                raise
+        from mobykit.core import paths
+        from mobykit.spec.load import SpecSource
+
+        # Paths are checked against the server's allowed roots (naming spec_paths[i]); inline
+        # YAML is parsed from the request, its relative paths taken from the first root.
+        sources = [SpecSource(name=p, path=paths.resolve(p, f"spec_paths[{i}]"), field=f"spec_paths[{i}]")
+                   for i, p in enumerate(req.spec_paths)]
+        sources += [SpecSource(name=f"spec_yaml[{i}]", text=text, base=paths.current().base(), field=f"spec_yaml[{i}]")
+                    for i, text in enumerate(req.spec_yaml)]
+        image = store.build_and_store(sources, pull=req.pull, field="spec", **self._cache_kwargs())
         return c.image_to_pb(image)
 
     @rpc

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from mobykit.core import paths
 from mobykit.errors import SpecError
 from mobykit.spec import merge
 from mobykit.spec.model import FileEntry, ImageEntry, Kernel, Spec
@@ -24,23 +26,56 @@ SECTION_NAMES = {"onboot": "onboot", "system": "onboot", "services": "services",
 TRUST_NOTE = "trust: accepted but not enforced (Docker Content Trust is not checked; pin images by digest instead)"
 
 
-def read_document(path: str | Path) -> tuple[Document, Path]:
+@dataclass(frozen=True)
+class SpecSource:
+    """One spec document as a request names it: a file (``path``) or text sent inline (``text``).
+
+    Why not just a path: a server must say which request field named a file it refuses to read
+    (``field``), and an inline spec has no directory of its own, so its relative ``source:`` and
+    ``@pkg:`` entries are taken from ``base`` (the server's first allowed root), not from wherever
+    the text happens to be kept. ``name`` is what error messages call the document."""
+
+    name: str
+    path: Path | None = None
+    text: str | None = None
+    base: Path | None = None
+    field: str = "spec"
+
+    @classmethod
+    def of(cls, spec: str | Path | SpecSource) -> SpecSource:
+        if isinstance(spec, SpecSource):
+            return spec
+        return cls(name=str(spec), path=Path(spec))
+
+    def directory(self) -> Path:
+        """Where relative paths written in this document are taken from."""
+        if self.base is not None:
+            return self.base
+        if self.path is not None and str(self.path) != "-":
+            return self.path.parent
+        return paths.current().base()
+
+
+def read_document(path: str | Path | SpecSource) -> tuple[Document, Path]:
     """Read and parse one file; ``-`` is standard input. Returns the document and the directory
-    relative sources are resolved against."""
-    shown = str(path)
-    if shown == "-":
+    relative sources are resolved against. The file is opened through the server's path policy
+    (``mobykit.core.paths``); an inline source is parsed from its text."""
+    src = SpecSource.of(path)
+    shown = src.name
+    if src.text is not None:
+        data = src.text.encode()
+    elif shown == "-" and src.path is not None and str(src.path) == "-":
         data = sys.stdin.buffer.read(MAX_BYTES + 1)
-        base = Path.cwd()
     else:
-        p = Path(path)
+        assert src.path is not None
         try:
-            with open(p, "rb") as fh:
+            with paths.open_file(src.path, src.field) as fh:
                 data = fh.read(MAX_BYTES + 1)
         except IsADirectoryError:
             raise SpecError("is a directory, not a spec file", file=shown) from None
         except OSError as e:
             raise SpecError(f"cannot read: {e.strerror}", file=shown) from None
-        base = p.parent
+    base = src.directory() if str(src.path) != "-" else Path.cwd()
     if len(data) > MAX_BYTES:
         raise SpecError(f"file is larger than {MAX_BYTES} bytes; a spec is a few KiB", file=shown)
     return parse(data, shown), base
@@ -92,10 +127,12 @@ def _file_entry(doc: Document, base: Path, i: int, raw: dict) -> FileEntry:
         f.source_as_written = raw["source"]
         src = raw["source"]
         # LinuxKit expands ~/ to the building user's home; relative paths are taken from the spec
-        # file's directory so a spec builds the same from any working directory.
+        # file's directory so a spec builds the same from any working directory. On a server the
+        # path must stay under its allowed roots (checked here, and again when the file is opened).
         if src == "~" or src.startswith("~/"):
             src = os.path.expanduser(src)
         f.source = str(Path(src) if os.path.isabs(src) else base / src)
+        paths.resolve(f.source, f"{f.field}.source", file=f.file, line=f.line)
     return f
 
 
@@ -128,12 +165,12 @@ def finish(spec: Spec) -> Spec:
     return spec
 
 
-def load(paths: list[str | Path]) -> Spec:
+def load(sources: list[str | Path | SpecSource]) -> Spec:
     """Load, validate and merge spec files in order; see the module docstring."""
-    if not paths:
+    if not sources:
         raise SpecError("no spec file given")
     result: Spec | None = None
-    for path in paths:
+    for path in sources:
         doc, base = read_document(path)
         check_document(doc)
         one = spec_from_document(doc, base)
