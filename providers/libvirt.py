@@ -341,11 +341,12 @@ class LibvirtProvider:
         if properties.get("URI") and uri.scheme.startswith("test") and uri.path not in ("", "/default"):
             # test:///FILE makes libvirt read FILE (a custom driver state): a path like any other.
             paths.resolve(uri.path, "Properties.URI")
-        if uri.hostname or uri.scheme == "test":
-            return  # the files are on another host, or never read (libvirt's mock driver)
+        # Kernel/Initrd are read by this server (and uploaded), whichever driver: always checked
+        # against its allowed roots; whether they exist only where the files are read at all.
+        local = not (uri.hostname or uri.scheme == "test")
         for key in ("Kernel", "Initrd"):
             path = properties.get(key)
-            if path and not paths.resolve(path, f"Properties.{key}").is_file():
+            if path and not paths.resolve(path, f"Properties.{key}").is_file() and local:
                 raise InvalidArgument(f"Properties.{key}: {path}: no such file")
 
     def publish_image(self, image: BootImage, properties: dict[str, Any] | None = None) -> str:
