@@ -10,14 +10,23 @@ as Go's encoding/json does. Map keys (Tags, Labels) and opaque Properties are ne
 Why hand-written on the standard library: no maintained Python package speaks this dialect (HTTP
 over AF_UNIX, Go's case-insensitive fields, gorilla/rpc's error object), and the whole transport is
 one small dispatcher; ``json`` keeps large integer ids exact (Python ints never become floats).
+
+Hostile input: a body is checked by ``mobykit.rpc.jsonscan`` before it is parsed (UTF-8, nesting
+depth, number of values, string length; the limits and their reasons are in ``mobykit.rpc.limits``),
+so nothing downstream ever recurses over a value deeper than ``MAX_DEPTH``. Every refusal is a
+JSON-RPC error object with HTTP 200 (-32700 when the body cannot be JSON, -32600 when it is over a
+limit or not a request) and at most one log line, throttled by ``mobykit.rpc.logthrottle``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import socketserver
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
@@ -26,6 +35,8 @@ from typing import Any
 
 from mobykit.core.errors import classify
 from mobykit.errors import InvalidArgument
+from mobykit.rpc import jsonscan, logthrottle
+from mobykit.rpc.limits import clip
 from mobykit.spi import flavor as flavor_spi
 from mobykit.spi import group as group_spi
 from mobykit.spi import instance as instance_spi
@@ -37,6 +48,7 @@ log = logging.getLogger("mobykit.jsonrpc")
 # gorilla/rpc json2's error codes, which Infrakit's client and server use.
 E_PARSE, E_INVALID_REQ, E_NO_METHOD, E_BAD_PARAMS, E_SERVER = -32700, -32600, -32601, -32602, -32000
 MAX_BODY = 16 << 20  # a request larger than this is not an Infrakit call
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() also accepts "²"
 
 
 class RPCError(Exception):
@@ -384,10 +396,7 @@ class Dispatcher:
         """One JSON-RPC request body -> the response object (never raises)."""
         rid: Any = None
         try:
-            try:
-                req = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise RPCError(E_PARSE, f"parse error: {e}") from None
+            req = parse_body(body)
             if not isinstance(req, dict):
                 raise RPCError(E_INVALID_REQ, "invalid request: expected a JSON object")
             rid = req.get("id")
@@ -400,19 +409,67 @@ class Dispatcher:
             if params is None:
                 params = {}
             if not isinstance(params, dict):
-                raise RPCError(E_BAD_PARAMS, f"{method}: params must be an object")
+                raise RPCError(E_BAD_PARAMS, clip(f"{method}: params must be an object"))
             handler = self.methods.get(method)
             if handler is None:
-                raise RPCError(E_NO_METHOD, f"method not found: {method}")
+                raise RPCError(E_NO_METHOD, clip(f"method not found: {method}"))
             log.debug("jsonrpc call %s", method)
             try:
                 result = handler(params)
             except Exception as e:
                 code, message = classify(e, method)
-                raise RPCError(E_SERVER, message) from None
+                raise RPCError(E_SERVER, clip(message)) from None
             return {"jsonrpc": "2.0", "result": result, "id": rid}
         except RPCError as e:
-            return {"jsonrpc": "2.0", "error": {"code": e.code, "message": str(e), "data": None}, "id": rid}
+            return error_object(e.code, str(e), rid)
+
+    def respond(self, body: bytes) -> bytes:
+        """One request body -> the encoded response (never raises, always valid JSON)."""
+        response = self.handle(body)
+        try:
+            return encode(response)
+        except (TypeError, ValueError, RecursionError) as e:
+            # A plugin returned something JSON cannot carry (NaN, a set, a cycle): a bug on our side.
+            log.error("jsonrpc: cannot encode the reply: %s", e, exc_info=e)
+            return encode(error_object(E_SERVER, clip(f"internal error: the reply is not JSON: {e}"), None))
+
+
+def parse_body(body: bytes) -> Any:
+    """The request as JSON data; RPCError (-32700 / -32600) for anything else.
+
+    The shape is checked before ``json`` parses (``jsonscan``), so the parser cannot recurse past
+    ``MAX_DEPTH``. NaN, Infinity and numbers too large for a double are refused: they are not JSON,
+    and a Go client could not read them back."""
+    try:
+        text = jsonscan.check(body)
+    except jsonscan.ShapeError as e:
+        log.warning("jsonrpc: refused a request: %s", e)
+        if e.parse:
+            raise RPCError(E_PARSE, f"parse error: {e}") from None
+        raise RPCError(E_INVALID_REQ, f"invalid request: {e}") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as e:  # RecursionError: cannot happen after the scan; kept as a net
+        raise RPCError(E_PARSE, clip(f"parse error: {e}")) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {clip(text, 40)} is too large for a double")
+    return value
+
+
+def error_object(code: int, message: str, rid: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "error": {"code": code, "message": message, "data": None}, "id": rid}
+
+
+def encode(response: dict[str, Any]) -> bytes:
+    return json.dumps(response, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
 # -- the transport -----------------------------------------------------------------------------------
@@ -424,14 +481,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit() or int(length) > MAX_BODY:
-            self._reply(411 if length is None else 413, b'{"error": "Content-Length required, at most 16 MiB"}')
+        if length is None or not _CONTENT_LENGTH.fullmatch(length.strip()) or int(length) > MAX_BODY:
+            # The body is not read, so the connection cannot carry another request: it is closed.
+            # The status is HTTP's (411/413) and the body a JSON-RPC error, for clients that read only one.
+            log.warning("jsonrpc: refused a request with Content-Length %s", clip(repr(length), 40))
+            message = "invalid request: a Content-Length of at most 16 MiB is required"
+            self.close_connection = True
+            self._reply(411 if length is None else 413, encode(error_object(E_INVALID_REQ, message, None)))
             return
         body = self.rfile.read(int(length))
         server: JsonRpcServer = self.server.owner  # type: ignore[attr-defined]
         with server.inflight():  # until the reply is written: a graceful stop waits for it
-            response = server.dispatcher.handle(body)
-            self._reply(200, json.dumps(response, separators=(",", ":")).encode() + b"\n")
+            self._reply(200, server.dispatcher.respond(body))
 
     def do_GET(self):  # noqa: N802
         self._reply(405, b'{"error": "POST JSON-RPC 2.0 to /"}')
@@ -440,6 +501,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -454,6 +517,15 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     daemon_threads = True  # idle keep-alive connections must not hold the process open
     allow_reuse_address = False
 
+    def handle_error(self, request, client_address) -> None:
+        """A connection's thread failed outside a call (socketserver would print a traceback to
+        stderr): a client that went away is one debug line, anything else a throttled traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("jsonrpc: connection ended: %s", exc)
+        else:
+            log.error("jsonrpc: error on a connection: %s", exc, exc_info=exc)
+
 
 class JsonRpcServer:
     """Serves the Dispatcher on a unix socket (mode 0600) in a background thread."""
@@ -461,6 +533,7 @@ class JsonRpcServer:
     def __init__(self, plugins, path: str | Path):
         from mobykit.rpc.server import clear_stale_socket, private_umask
 
+        logthrottle.install()
         self.path = Path(path).absolute()
         self.dispatcher = Dispatcher(plugins)
         self._count = 0
@@ -502,6 +575,7 @@ class JsonRpcServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        logthrottle.THROTTLE.flush()
 
 
 def default_socket_path(env: dict[str, str] | None = None) -> Path:

@@ -27,8 +27,11 @@ from grpc_reflection.v1alpha import reflection
 from mobykit.core.errors import classify
 from mobykit.errors import InvalidArgument
 from mobykit.rpc import convert as c
+from mobykit.rpc import logthrottle
+from mobykit.rpc.decodeguard import DecodeGuard
 from mobykit.rpc.gen import mobykit_pb2 as pb
 from mobykit.rpc.gen import mobykit_pb2_grpc as pbg
+from mobykit.rpc.limits import clip
 from mobykit.rpc.plugins import Plugins, Unimplemented
 from mobykit.spi.types import DestroyReason
 
@@ -38,7 +41,12 @@ SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Ins
 
 
 def rpc(method: Callable) -> Callable:
-    """Turn mobykit errors into gRPC statuses; the server keeps serving after any of them."""
+    """Turn mobykit errors into gRPC statuses; the server keeps serving after any of them.
+
+    An unexpected exception is a bug: ``classify`` logs its traceback, and the log throttle
+    (``mobykit.rpc.logthrottle``, installed by ``make_server``) keeps its repeats to one line a
+    minute. Messages are clipped, since a message quoting a huge field would not fit gRPC's
+    trailer and the caller would get RESOURCE_EXHAUSTED instead of the real status."""
     name = method.__name__
 
     @functools.wraps(method)
@@ -47,10 +55,10 @@ def rpc(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except Unimplemented as e:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, str(e))
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, clip(str(e)))
         except Exception as e:  # every failure becomes a status, never a dropped connection
             code, message = classify(e, f"{type(self).__name__}.{name}")
-            context.abort(getattr(grpc.StatusCode, code), message)
+            context.abort(getattr(grpc.StatusCode, code), clip(message))
 
     return wrapper
 
@@ -342,7 +350,11 @@ def make_server(
             raise InvalidArgument(
                 f"--listen {listen}: TCP needs --tls-cert, --tls-key and --tls-client-ca (or --insecure)"
             )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"))
+    logthrottle.install()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=[DecodeGuard()],  # undecodable requests: INVALID_ARGUMENT, not INTERNAL + traceback
+    )
     pbg.add_InstanceServicer_to_server(InstanceService(plugins), server)
     pbg.add_FlavorServicer_to_server(FlavorService(plugins), server)
     pbg.add_GroupServicer_to_server(GroupService(plugins), server)
@@ -407,11 +419,13 @@ def _add_port(add, listen: Listen, *creds, target: str | None = None) -> int:
 
 
 def stop(server: grpc.Server, grace: float = 30.0) -> None:
-    """Graceful stop: refuse new calls, let in-flight ones finish (up to ``grace`` seconds)."""
+    """Graceful stop: refuse new calls, let in-flight ones finish (up to ``grace`` seconds), then
+    log how many throttled log lines were held back."""
     h = getattr(server, "mobykit_health", None)
     if h is not None:
         h.enter_graceful_shutdown()
     server.stop(grace).wait()
+    logthrottle.THROTTLE.flush()
 
 
 __all__ = ["Listen", "Plugins", "TLSFiles", "make_server", "stop"]
