@@ -420,7 +420,10 @@ class GroupController:
         ok = False
         try:
             desc = m.description or Description(id=m.id)
-            self.flavor.drain(plugin_type(cfg.flavor_plugin), cfg.flavor_properties, desc)
+            # Infrakit's SkipBeforeInstanceDestroy "drain": a rolling update destroys without
+            # draining (a termination, e.g. scale down, still drains).
+            if not (cfg.updating.skip_drain and removal.reason == DestroyReason.ROLLING_UPDATE):
+                self.flavor.drain(plugin_type(cfg.flavor_plugin), cfg.flavor_properties, desc)
             self.instance.destroy(plugin_type(cfg.instance_plugin), m.id, removal.reason)
             ok = True
         except Exception as e:

@@ -20,7 +20,11 @@ from mobykit.group.hash import instance_hash
 from mobykit.spi.group import GroupSpec
 from mobykit.spi.types import Allocation
 
-_UPDATING_KEYS = {"MaxSurge", "MaxUnavailable", "MinReadySeconds", "Count", "Duration", "Rollback"}
+# Infrakit's group types (pkg/controller/group/types: Updating{Duration, Count,
+# SkipBeforeInstanceDestroy}) plus GCE-style surge/unavailable bounds and rollback.
+_UPDATING_KEYS = {"MaxSurge", "MaxUnavailable", "MinReadySeconds", "Count", "Duration", "Rollback",
+                  "SkipBeforeInstanceDestroy"}
+SKIP_DRAIN = "drain"  # SkipBeforeInstanceDestroy's one value: no Flavor.Drain before a rolling destroy
 _TOP_KEYS = {"Allocation", "Instance", "Flavor", "Updating"}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -49,6 +53,7 @@ class Updating:
     min_ready_seconds: float = 0.0
     count: int | None = None  # Infrakit: consecutive healthy polls before the next one goes
     rollback: bool = False
+    skip_drain: bool = False  # Infrakit's SkipBeforeInstanceDestroy: "drain" (rolling updates only)
 
     def min_ready(self, poll_interval: float) -> float:
         """Infrakit's Count means "healthy for this many polls": the same gate as MinReadySeconds."""
@@ -163,6 +168,11 @@ def _updating(raw: Any) -> Updating:
     unknown = sorted(set(raw) - _UPDATING_KEYS)
     if unknown:
         raise _fail(f"Properties.Updating.{unknown[0]}", f"unknown field (known: {', '.join(sorted(_UPDATING_KEYS))})")
+    raw = {k: v for k, v in raw.items() if v is not None}  # Go writes absent pointers as null
+    skip = raw.get("SkipBeforeInstanceDestroy")
+    if skip is not None and skip not in (SKIP_DRAIN, ""):
+        # Infrakit's UnmarshalJSON silently ignores other values; a typo here should not be silent.
+        raise _fail("Properties.Updating.SkipBeforeInstanceDestroy", f"must be \"{SKIP_DRAIN}\" or null, got {skip!r}")
     surge = _fixed_or_percent(raw.get("MaxSurge", 1), "Properties.Updating.MaxSurge")
     unavailable = _fixed_or_percent(raw.get("MaxUnavailable", 0), "Properties.Updating.MaxUnavailable")
     if surge.value == 0 and unavailable.value == 0:
@@ -176,7 +186,38 @@ def _updating(raw: Any) -> Updating:
     rollback = raw.get("Rollback", "none")
     if rollback not in ("auto", "none", None, False, True):
         raise _fail("Properties.Updating.Rollback", f"must be \"auto\" or \"none\", got {rollback!r}")
-    return Updating(surge, unavailable, min_ready, count, rollback in ("auto", True))
+    return Updating(surge, unavailable, min_ready, count, rollback in ("auto", True), skip == SKIP_DRAIN)
+
+
+# Infrakit's zero values, which its Go types write for every field a user left out (the manager
+# re-sends stored specs this way): the same as absent.
+_ZEROS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "Allocation": {"Size": (0,), "LogicalIDs": ([],)},
+    "Updating": {"Count": (0,), "Duration": ("0s", 0, "0"), "SkipBeforeInstanceDestroy": ("",)},
+}
+
+
+def canonical(props: dict[str, Any]) -> dict[str, Any]:
+    """The group properties with Infrakit's nulls and zero values dropped from Allocation and
+    Updating, so a spec as Infrakit's types serialise it commits and reads back exactly as the
+    same spec written by hand. Instance and Flavor are opaque (and hashed) and are kept as sent."""
+    out = dict(props)
+    for section, zeros in _ZEROS.items():
+        raw = out.get(section)
+        if raw is None and section in out:
+            del out[section]
+            continue
+        if not isinstance(raw, dict):
+            continue
+        kept = {k: v for k, v in raw.items()
+                if v is not None and not any(v == z and type(v) is type(z) for z in zeros.get(k, ()))}
+        if section == "Allocation" and not kept:
+            kept = {"Size": 0}
+        if kept or section == "Allocation":
+            out[section] = kept
+        else:
+            del out[section]
+    return out
 
 
 def parse(spec: GroupSpec) -> GroupConfig:
@@ -189,6 +230,7 @@ def parse(spec: GroupSpec) -> GroupConfig:
     unknown = sorted(set(props) - _TOP_KEYS)
     if unknown:
         raise _fail(f"Properties.{unknown[0]}", f"unknown field (known: {', '.join(sorted(_TOP_KEYS))})")
+    props = canonical(props)
     alloc = props.get("Allocation")
     if not isinstance(alloc, dict):
         raise _fail("Properties.Allocation", "is required: {Size: N} or {LogicalIDs: [...]}")
@@ -288,6 +330,8 @@ def load(path: str | Path) -> GroupConfig:
         mark = getattr(e, "problem_mark", None)
         raise SpecError(f"not valid YAML/JSON: {getattr(e, 'problem', e)}", file=str(p),
                         line=mark.line + 1 if mark else None) from None
+    except RecursionError:  # PyYAML composes recursively: "[[[[..." thousands deep
+        raise SpecError("not a group spec: nested too deep", file=str(p)) from None
     spec = from_document(doc, str(p))
     try:
         return parse(spec)
