@@ -350,3 +350,12 @@ def test_spec_file_refusal_is_a_spec_error_naming_file_and_line(world):
     with pytest.raises(SpecError) as e:
         load([root / "bad.yml"])
     assert e.value.field == "files[1].source" and e.value.line and e.value.file.endswith("bad.yml")
+
+
+def test_a_server_started_from_slash_without_allow_path_refuses_to_start(monkeypatch):
+    from mobykit.core import config as configuration
+
+    monkeypatch.chdir("/")
+    with pytest.raises(InvalidArgument, match="--allow-path"):
+        configuration.path_policy({}, [], None)
+    assert configuration.path_policy({}, ["/"], None).roots == (Path("/"),)  # said explicitly: allowed

@@ -59,7 +59,13 @@ def path_policy(config: dict[str, Any], extra: list[str] | None = None, config_f
 
     dirs = list(extra or []) + list(config.get("allow_paths") or [])
     if not dirs:
-        dirs = [str(config_file.parent.absolute()) if config_file is not None else os.getcwd()]
+        default = str(config_file.parent.absolute()) if config_file is not None else os.getcwd()
+        if os.path.realpath(default) == "/":
+            # A server started from / (a service manager's default) would otherwise let its clients
+            # name any file: the operator must say which directories hold specs.
+            raise InvalidArgument("the server would allow requests to read any file (its working directory is /): "
+                                  "give --allow-path DIR (or allow_paths in the config) for the specs it serves")
+        dirs = [default]
     return PathPolicy.under(dirs)
 
 
