@@ -18,8 +18,9 @@ from typing import Any
 
 from mobykit import providers as provider_registry
 from mobykit.core import config as configuration
+from mobykit.core.singleflight import SingleFlight
 from mobykit.errors import InvalidArgument, NotFound, Unavailable
-from mobykit.providers.base import MachineSpec
+from mobykit.providers.base import Machine, MachineSpec
 from mobykit.spi.types import Description, DestroyReason, Spec
 
 log = logging.getLogger("mobykit.core")
@@ -44,6 +45,9 @@ class InstanceCore:
         self._lock = threading.Lock()
         # Label is read-modify-write on the provider's tags: serialise it per instance id.
         self._label_locks: dict[str, threading.Lock] = {}
+        # Concurrent identical listings (both transports, the group controllers) share one provider
+        # call; never one that started before the caller did (see mobykit.core.singleflight).
+        self.listings: SingleFlight[tuple[str, tuple[tuple[str, str], ...]], list[Machine]] = SingleFlight()
 
     # -- provider selection -------------------------------------------------------------------
 
@@ -130,9 +134,13 @@ class InstanceCore:
 
     def describe_instances(self, type: str, tags: dict[str, str], properties: bool = False) -> list[Description]:
         _check_str_map(tags, "Tags")
-        provider = self.provider(self._name(type))
+        name = self._name(type)
+        provider = self.provider(name)
+        wanted = dict(tags)
+        # The shared result is read-only: each caller builds its own Descriptions from it.
+        machines = self.listings.do((name, tuple(sorted(wanted.items()))), lambda: provider.list(dict(wanted)))
         out = []
-        for m in provider.list(dict(tags)):
+        for m in machines:
             if m.state == "terminated" or not all(m.tags.get(k) == v for k, v in tags.items()):
                 continue
             props = None

@@ -4,6 +4,9 @@ Why the design is what it is:
 - The domain is the only state. Tags, logical id, image id, creation time and the volumes made for
   the instance live in the domain's ``<metadata>`` under our XML namespace (``metadata.py``), so
   ``list`` is one ``listAllDomains`` call and a restarted plugin loses nothing.
+- Listings are cheap: what a listing derives from a domain is cached by domain UUID and dropped on
+  libvirt's lifecycle and metadata-change events and on our own writes (``cache.py``,
+  ``events.py``); without events every listing re-reads every domain, as before.
 - Everything the guest needs (kernel, initrd, cidata ISO, the console log) is a volume in a ``dir``
   storage pool (``storage.py``), uploaded and downloaded through libvirt's stream API.
 - Published ports (``Publish``, loopback only) are qemu ``hostfwd`` arguments (``domain.py``);
@@ -22,12 +25,13 @@ Connection URI: property ``URI``, else config ``URI``, else ``$MOBYKIT_LIBVIRT_U
 it has no volume upload/download, so there images are referenced by path and the console is empty.
 
 Modules: ``properties`` (what a request may say, ids), ``metadata``, ``domain`` (XML and Machine),
-``storage``, ``ports``, ``provider`` (``LibvirtProvider``).
+``storage``, ``ports``, ``events`` and ``cache`` (listings), ``provider`` (``LibvirtProvider``).
 Everything other code imports is re-exported here.
 """
 
 from __future__ import annotations
 
+from mobykit.providers.libvirt.cache import DomainCache, DomainView
 from mobykit.providers.libvirt.domain import QEMU_NS
 from mobykit.providers.libvirt.metadata import NS, NS_PREFIX, InstanceMeta
 from mobykit.providers.libvirt.properties import (
@@ -52,6 +56,8 @@ __all__ = [
     "DEFAULT_CMDLINE",
     "DEFAULT_POOL",
     "DEFAULT_URI",
+    "DomainCache",
+    "DomainView",
     "ENV_URI",
     "ID_PREFIX",
     "InstanceMeta",

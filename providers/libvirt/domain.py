@@ -112,6 +112,15 @@ def machine(name: str, meta: InstanceMeta, state: str, uri: str) -> Machine:
     return Machine(id=name, tags=dict(meta.tags), state=state, logical_id=meta.logical_id, properties=props)
 
 
+def copy_machine(m: Machine) -> Machine:
+    """A copy a caller may change without changing ``m`` (a cached listing's Machine)."""
+    props = dict(m.properties)
+    for key in ("Volumes", "Ports"):
+        if key in props:
+            props[key] = type(props[key])(props[key])
+    return Machine(id=m.id, tags=dict(m.tags), state=m.state, logical_id=m.logical_id, properties=props)
+
+
 def accel_name(result: Any) -> str:
     """accel.detect() may answer with a name or an object carrying one."""
     if isinstance(result, str):

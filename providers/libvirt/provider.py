@@ -15,10 +15,13 @@ from urllib.parse import urlparse
 from mobykit.core import paths
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from mobykit.providers.base import BootImage, Machine, MachineSpec
+from mobykit.providers.libvirt import events
 from mobykit.providers.libvirt.binding import is_test, libvirt
+from mobykit.providers.libvirt.cache import DomainCache
 from mobykit.providers.libvirt.domain import (
     BootSpec,
     accel_name,
+    copy_machine,
     domain_state,
     domain_xml,
     machine,
@@ -32,7 +35,6 @@ from mobykit.providers.libvirt.properties import (
     DEFAULT_POOL,
     DEFAULT_URI,
     ENV_URI,
-    ID_PREFIX,
     created_ns,
     new_id,
     parse_publish,
@@ -42,10 +44,28 @@ from mobykit.providers.libvirt.storage import Storage, cidata, quietly
 
 
 @dataclass
-class Found:
-    """A mobykit instance looked up by id."""
+class Connection:
+    """One open connection, the listing cache of its domains, and the event subscription that
+    keeps that cache honest (None: the driver gives no events, the cache re-reads every listing)."""
 
+    uri: str
     conn: Any
+    cache: DomainCache
+    subscription: events.Subscription | None = None
+
+    def close(self) -> None:
+        if self.subscription is not None:
+            self.subscription.cancel()
+            self.subscription = None
+        self.cache.set_live(False)
+        quietly(self.conn.close)
+
+
+@dataclass
+class Found:
+    """A mobykit instance looked up by id, read fresh (never from the listing cache)."""
+
+    connection: Connection
     dom: Any
     meta: InstanceMeta
 
@@ -67,7 +87,7 @@ class LibvirtProvider:
         self.pool_path: str | None = config.get("PoolPath")
         self.domain_type: str | None = config.get("DomainType")
         self.machine: str = config.get("Machine") or "pc"
-        self._conns: dict[str, Any] = {}
+        self._conns: dict[str, Connection] = {}
         self._lock = threading.RLock()
         self._storage = Storage(self.pool_name, self.pool_path, self._lock)
         # test:///default cannot upload: published images are referenced by their paths there.
@@ -75,25 +95,39 @@ class LibvirtProvider:
 
     # -- connections --------------------------------------------------------------------------
 
-    def _conn(self, uri: str | None = None) -> Any:
+    def _connection(self, uri: str | None = None) -> Connection:
         """The open connection to ``uri`` (default: the configured one), reopened when it died."""
         lv = libvirt()
         uri = uri or self.uri
         with self._lock:
-            conn = self._conns.get(uri)
-            if conn is not None and conn.isAlive():
-                return conn
+            current = self._conns.get(uri)
+            if current is not None and current.conn.isAlive():
+                return current
+            if current is not None:
+                current.close()  # its events stopped with it: a fresh cache goes with the new one
+            events.ensure_loop()  # before open: a connection only gets events from a loop that existed
             try:
                 conn = lv.open(uri)
             except lv.libvirtError as e:
                 raise Unavailable(f"libvirt {uri}: cannot connect: {e.get_error_message()}") from None
-            self._conns[uri] = conn
-            return conn
+            connection = Connection(uri, conn, DomainCache(uri))
+            cache = connection.cache
+            connection.subscription = events.subscribe(conn, cache.invalidate, lambda: cache.set_live(False))
+            cache.set_live(connection.subscription is not None)
+            self._conns[uri] = connection
+            return connection
+
+    def _conn(self, uri: str | None = None) -> Any:
+        return self._connection(uri).conn
+
+    def listing_cache(self, uri: str | None = None) -> DomainCache:
+        """The listing cache of ``uri``'s connection (for tests, benchmarks and diagnostics)."""
+        return self._connection(uri).cache
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._conns.values():
-                quietly(conn.close)
+            for connection in self._conns.values():
+                connection.close()
             self._conns.clear()
 
     def _uris(self) -> list[str]:
@@ -117,11 +151,12 @@ class LibvirtProvider:
         if properties.get("URI") and uri.scheme.startswith("test") and uri.path not in ("", "/default"):
             # test:///FILE makes libvirt read FILE (a custom driver state): a path like any other.
             paths.resolve(uri.path, "Properties.URI")
-        if uri.hostname or uri.scheme == "test":
-            return  # the files are on another host, or never read (libvirt's mock driver)
+        # Kernel/Initrd are read by this server (and uploaded), whichever driver: always checked
+        # against its allowed roots; whether they exist only where the files are read at all.
+        local = not (uri.hostname or uri.scheme == "test")
         for key in ("Kernel", "Initrd"):
             path = properties.get(key)
-            if path and not paths.resolve(path, f"Properties.{key}").is_file():
+            if path and not paths.resolve(path, f"Properties.{key}").is_file() and local:
                 raise InvalidArgument(f"Properties.{key}: {path}: no such file")
 
     def publish_image(self, image: BootImage, properties: dict[str, Any] | None = None) -> str:
@@ -208,7 +243,8 @@ class LibvirtProvider:
         lv = libvirt()
         props = dict(spec.properties or {})
         validate_properties(props)
-        conn = self._conn(props.get("URI"))
+        connection = self._connection(props.get("URI"))
+        conn = connection.conn
         pool = self._storage.pool(conn, props.get("Pool"))
         instance_id = new_id()
         made_vols: list[Any] = []
@@ -246,22 +282,26 @@ class LibvirtProvider:
                 raise Unavailable(
                     f"libvirt {conn.getURI()}: cannot start {instance_id}: {e.get_error_message()}") from None
             raise
+        finally:
+            if dom is not None:
+                # A listing during create may have kept the half-made view; the event may come late.
+                connection.cache.invalidate(dom.UUIDString())
         return machine(dom.name(), meta, domain_state(dom), conn.getURI())
 
     def _find(self, instance_id: str) -> Found | None:
         """A mobykit instance by id, or None when it does not exist."""
         lv = libvirt()
         for uri in self._uris():
-            conn = self._conn(uri)
+            connection = self._connection(uri)
             try:
-                dom = conn.lookupByName(instance_id)
+                dom = connection.conn.lookupByName(instance_id)
             except lv.libvirtError as e:
                 if e.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
                     continue
                 raise Unavailable(f"libvirt {uri}: {e.get_error_message()}") from None
             meta = read_meta(dom)
             if meta is not None:
-                return Found(conn, dom, meta)
+                return Found(connection, dom, meta)
         return None
 
     def set_tags(self, id: str, tags: dict[str, str]) -> None:
@@ -280,6 +320,9 @@ class LibvirtProvider:
             if e.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
                 raise NotFound(f"instance {id!r} not found") from None
             raise Unavailable(f"libvirt: cannot tag {id}: {e.get_error_message()}") from None
+        finally:
+            # Synchronously: the next listing must see the new tags, not wait for the event.
+            found.connection.cache.invalidate(dom.UUIDString())
 
     def destroy(self, id: str) -> None:
         """Stop and undefine the domain, then delete every volume made for it. Gone is success."""
@@ -287,18 +330,21 @@ class LibvirtProvider:
         found = self._find(id)
         if found is None:
             return
-        conn, dom, meta = found.conn, found.dom, found.meta
+        conn, dom, meta = found.connection.conn, found.dom, found.meta
         try:
-            if dom.isActive():
-                dom.destroy()
-        except lv.libvirtError as e:
-            if e.get_error_code() not in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
-                raise Unavailable(f"libvirt: cannot stop {id}: {e.get_error_message()}") from None
-        try:
-            dom.undefineFlags(0)
-        except lv.libvirtError as e:
-            if e.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
-                raise Unavailable(f"libvirt: cannot undefine {id}: {e.get_error_message()}") from None
+            try:
+                if dom.isActive():
+                    dom.destroy()
+            except lv.libvirtError as e:
+                if e.get_error_code() not in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID):
+                    raise Unavailable(f"libvirt: cannot stop {id}: {e.get_error_message()}") from None
+            try:
+                dom.undefineFlags(0)
+            except lv.libvirtError as e:
+                if e.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
+                    raise Unavailable(f"libvirt: cannot undefine {id}: {e.get_error_message()}") from None
+        finally:
+            found.connection.cache.invalidate(dom.UUIDString())
         pool = self._storage.pool(conn, meta.pool or None)
         names = set(meta.volumes)
         try:
@@ -312,26 +358,26 @@ class LibvirtProvider:
                 quietly(lambda v=vol: v.delete(0))
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
+        """Listed from a fresh ``listAllDomains``; each domain's view comes from the listing cache
+        (``cache.py``), re-read when libvirt or our own writes said it changed."""
         lv = libvirt()
+        trusted = events.loop_running()
         out = []
         for uri in self._uris():
-            conn = self._conn(uri)
+            connection = self._connection(uri)
             try:
-                domains = conn.listAllDomains(0)
+                domains = connection.conn.listAllDomains(0)
             except lv.libvirtError as e:
                 raise Unavailable(f"libvirt {uri}: {e.get_error_message()}") from None
-            for dom in domains:
-                try:
-                    if not dom.name().startswith(ID_PREFIX):
-                        continue
-                    meta = read_meta(dom)
-                except lv.libvirtError:
-                    continue  # removed while we looked
-                if meta is None or any(meta.tags.get(k) != v for k, v in tags.items()):
+            for _dom, view in connection.cache.views(domains, trusted=trusted):
+                meta = view.meta
+                if meta is None or view.machine is None:
+                    continue  # a domain named like ours that we did not make
+                if any(meta.tags.get(k) != v for k, v in tags.items()):
                     continue
                 if meta.creating and time.time_ns() - meta.created < CREATE_GRACE * 1e9:
                     continue  # create() has not returned it yet (see the package docstring)
-                out.append(machine(dom.name(), meta, domain_state(dom), uri))
+                out.append(copy_machine(view.machine))
         out.sort(key=lambda m: m.id)
         return out
 
@@ -339,7 +385,7 @@ class LibvirtProvider:
         found = self._find(id)
         if found is None:
             raise NotFound(f"instance {id!r} not found")
-        conn, meta = found.conn, found.meta
+        conn, meta = found.connection.conn, found.meta
         pool = self._storage.pool(conn, meta.pool or None)
         vol = self._storage.volume(pool, f"{id}.console")
         if vol is None:
