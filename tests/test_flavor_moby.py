@@ -16,12 +16,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mobykit.core.instance import InstanceCore
 from mobykit.errors import FailedPrecondition, ImageError, InvalidArgument
 from mobykit.flavor.moby import IMAGE_TAG, MobyFlavor
 from mobykit.providers.base import BootImage, MachineSpec
 from mobykit.providers.memory import MemoryProvider
+from mobykit.spec.load import SpecSource
 from mobykit.spi.types import Allocation, Description, Health, Index, Spec
 
 ALLOC = Allocation(size=1)
@@ -30,14 +32,14 @@ IMAGE_B = "sha256:" + "b2" * 32
 
 
 class StandInBuilder:
-    """Returns a fixed BootImage per spec, and records what it was asked to build."""
+    """Returns a fixed BootImage per spec, and records the spec documents it was asked to build."""
 
     def __init__(self, image_id: str = IMAGE_A):
         self.image_id = image_id
-        self.calls: list = []
+        self.calls: list[list[SpecSource]] = []
 
-    def __call__(self, image):
-        self.calls.append(image)
+    def __call__(self, sources: list[SpecSource], progress):
+        self.calls.append(sources)
         return BootImage(id=self.image_id, name="t", kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0")
 
 
@@ -65,7 +67,7 @@ def test_prepare_writes_image_id_into_properties_and_tag_and_appends_init(spec_f
     spec = Spec(properties={"Memory": 256}, tags={"infrakit.group": "web"}, init="echo spec")
     props = {"Image": spec_file, "Init": ["echo a", "echo b"], "Tags": {"role": "web"}}
     out = f.prepare("moby", props, spec, ALLOC, Index("web", 1))
-    assert build.calls == [spec_file]
+    assert [[(s.path, s.field) for s in call] for call in build.calls] == [[(Path(spec_file), "Properties.Image")]]
     assert out.properties == {"Memory": 256, "Image": IMAGE_A}
     assert out.tags == {"infrakit.group": "web", "role": "web", IMAGE_TAG: IMAGE_A}
     assert out.init == "echo spec\necho a\necho b"
@@ -84,11 +86,13 @@ def test_inline_spec_is_handed_to_the_builder():
     build = StandInBuilder()
     inline = {"kernel": {"image": "linuxkit/kernel:6.6"}, "init": ["linuxkit/init:v1"]}
     out = MobyFlavor({}, build=build).prepare("", {"Image": inline}, Spec(), ALLOC, Index())
-    assert build.calls == [inline] and out.properties == {"Image": IMAGE_A}
+    [[source]] = build.calls
+    assert source.path is None and yaml.safe_load(source.text) == inline
+    assert out.properties == {"Image": IMAGE_A}
 
 
 def test_a_failing_build_fails_prepare_with_its_error(spec_file):
-    def broken(_image):
+    def broken(_sources, _progress):
         raise ImageError("layer is hostile", image="docker.io/x/y:1", path="../etc/passwd")
 
     with pytest.raises(ImageError, match="x/y:1"):

@@ -14,6 +14,18 @@ when the spec's inputs are unchanged) and writes the id into the instance proper
 property, while Infrakit's config hash covers only the group spec, so the tag is what lets a user and
 the group controller see which image each instance runs after a spec's contents change.
 
+Why Prepare does not simply build and return: Infrakit's client gives up after 15 s, and a cold build
+(a kernel and packages from Debian) takes minutes. So the build runs in the background
+(``mobykit.image.inflight``), keyed by the spec documents (real paths, or inline text and base:
+``store.build_key``), and Prepare waits for it at most ``PrepareWait`` (config
+``flavors: {moby: {PrepareWait: "10s"}}``, default 10 s, under Infrakit's 15). A build still running
+then fails Prepare with Unavailable (gRPC UNAVAILABLE, JSON-RPC -32000) saying since when and at which
+step it is, and that the call should be retried; the build goes on. Concurrent Prepares of one spec
+share one build; the next Prepare after a build whose callers all gave up gets its image (or its error)
+at once; a Prepare after a result was handed over builds again, a no-op when nothing changed, so an
+edited spec file and a failed build are picked up and retried. Validate, Healthy and Drain never wait
+on builds. Paths are checked on the request thread (refusals come back at once) and again when opened.
+
 Healthy (``mobykit.flavor.health``): UNKNOWN until the console shows ``mobykit: ready <image id>``
 (and, for tcp/http, a probe of 127.0.0.1:Port passes); HEALTHY from then on; UNHEALTHY when the
 console says ``mobykit: not ready``, the instance is gone, or Deadline passes (measured from the
@@ -37,14 +49,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mobykit.core import paths as server_paths
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
 from mobykit.flavor import health as probes
 from mobykit.flavor.properties import duration, fields, join_init, string_list, string_map
+from mobykit.image.inflight import Builds
+from mobykit.image.progress import Progress
 from mobykit.providers.base import BootImage
 from mobykit.spi.types import Allocation, Description, Health, Index, Spec
+
+if TYPE_CHECKING:  # the spec loader is imported when a Prepare builds, not by every server start
+    from mobykit.spec.load import SpecSource
 
 KEYS = ("Image", "Init", "Tags", "Health", "Drain")
 HEALTH_KEYS = ("Mode", "Port", "Path", "Deadline")
@@ -53,6 +70,12 @@ MODES = ("console", "running", "tcp", "http")
 IMAGE_TAG = "mobykit.image"
 DEFAULT_DEADLINE = 300.0
 DRAIN_TIMEOUT = 60.0  # a drain command that hangs must not hang the group controller forever
+CONFIG_KEYS = ("PrepareWait",)  # config: flavors: {moby: {...}}
+PREPARE_WAIT = 10.0  # under Infrakit's 15 s client timeout, so our answer reaches it before it gives up
+
+# What builds the image of a Prepare: the checked spec documents and a Progress the build reports its
+# steps to (what a Prepare that cannot wait is told). The default is ``store.build_and_store``.
+BuildFn = Callable[[list["SpecSource"], Progress], BootImage]
 
 
 @dataclass
@@ -142,14 +165,20 @@ class MobyFlavor:
         config: dict[str, Any] | None = None,
         *,
         instances: Any = None,
-        build: Callable[[Any], BootImage] | None = None,
+        build: BuildFn | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.config = dict(config or {})
+        section = self.config.get("flavors") or {}
+        if not isinstance(section, dict):
+            raise InvalidArgument("config: flavors: must be a mapping of flavor name to settings")
+        settings = fields(section.get("moby"), CONFIG_KEYS, "config: flavors.moby")
+        self.prepare_wait = duration(settings.get("PrepareWait"), "config: flavors.moby.PrepareWait", PREPARE_WAIT)
         self._instances = instances
         self._probe: probes.InstanceProbe | None = None
         self._build = build or self._build_with_store
+        self.builds: Builds[BootImage] = Builds()  # shared by every Prepare of this flavor
         self.clock, self.sleep = clock, sleep
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}
@@ -157,7 +186,7 @@ class MobyFlavor:
 
     # -- wiring ---------------------------------------------------------------------------------
 
-    def _build_with_store(self, image: Any) -> BootImage:
+    def _build_with_store(self, sources: list[SpecSource], progress: Progress) -> BootImage:
         from mobykit.image import store
 
         cache = None
@@ -165,7 +194,11 @@ class MobyFlavor:
             from mobykit.image.cache import Cache
 
             cache = Cache(self.config["cache"])
-        return store.build_and_store(image, cache=cache, field="Properties.Image")
+        return store.build_and_store(sources, cache=cache, field="Properties.Image", progress=progress)
+
+    def close(self) -> None:
+        """Start no more builds (a stopping server); running ones are daemon threads and end with it."""
+        self.builds.close()
 
     def probe(self) -> probes.InstanceProbe:
         with self._lock:
@@ -192,7 +225,7 @@ class MobyFlavor:
         props = parse(properties)
         if spec.properties is not None and not isinstance(spec.properties, dict):
             raise InvalidArgument("Instance.Properties: must be an object for the moby flavor to set Image")
-        image = self._build(props.image)
+        image = self._image(props.image)
         out = copy.deepcopy(spec)
         out.properties = {**(spec.properties or {}), "Image": image.id}
         out.tags = {**(spec.tags or {}), **props.tags, IMAGE_TAG: image.id}
@@ -250,6 +283,18 @@ class MobyFlavor:
             self.sleep(step.grace)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _image(self, image: Any) -> BootImage:
+        """The built image of the ``Image`` property, through the shared builds in flight (see the
+        module docstring). The sources are made here, on the request thread, so a refused path is
+        answered at once; the build reads them through the same checks when it opens them."""
+        from mobykit.image import store
+
+        sources = store.spec_sources(image, "Properties.Image")
+        label = "Properties.Image " + ", ".join(str(s.path) if s.path is not None else "(inline spec)"
+                                                for s in sources)
+        return self.builds.get(store.build_key(sources), label, lambda progress: self._build(sources, progress),
+                                self.prepare_wait)
 
     def _port_ok(self, check: HealthCheck) -> bool:
         assert check.port is not None

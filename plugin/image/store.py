@@ -57,8 +57,10 @@ def spec_sources(spec: str | Path | dict[str, Any] | list, field: str = "Image")
     raise InvalidArgument(f"{field}: expected a spec path, a list of paths, or an inline spec object")
 
 
-def _build_key(sources: list[SpecSource]) -> str:
-    """The build directory of a set of spec documents: by path, or by text and base when inline."""
+def build_key(sources: list[SpecSource]) -> str:
+    """What identifies a set of spec documents: by real path, or by text and base when inline. It
+    names the build directory (so an unchanged spec is found built) and, in the moby flavor, the build
+    in flight that identical requests share (``mobykit.image.inflight``)."""
     parts = [str(Path(s.path).resolve()) if s.path is not None else f"inline:{s.base}:{s.text}" for s in sources]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
@@ -70,7 +72,7 @@ def build_and_store(spec, *, cache: Cache | None = None, pull: bool = False, pro
 
     cache = _cache(cache)
     sources = spec_sources(spec, field)
-    result = build(sources, formats=["kernel+initrd"], outdir=cache.root / "builds" / _build_key(sources),
+    result = build(sources, formats=["kernel+initrd"], outdir=cache.root / "builds" / build_key(sources),
                    name="image", cache=cache, pull=pull, progress=progress)
     where = cache.root / "images" / _hex(result.image_id)
     if not (where / "image.json").exists():
