@@ -68,3 +68,8 @@ class FailedPrecondition(MobykitError):
 
 class Unavailable(MobykitError):
     """A provider or backend cannot be reached right now; retrying may succeed (gRPC UNAVAILABLE)."""
+
+
+class InProgress(Unavailable):
+    """What the request needs is still being made (an image build): asking again later joins it or
+    gets its result. Not a failure: a caller that retries (a group controller) does not count it."""

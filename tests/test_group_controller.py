@@ -392,3 +392,27 @@ def test_destroyed_instance_still_listed_for_a_while_is_not_counted():
         w.clock.advance(1)
     assert len(w.group("workers")) == 3
     assert [e.op for e in w.events].count("destroy") == 1
+
+
+def test_an_image_still_building_is_waited_for_not_counted_as_a_failure():
+    """The moby flavor answers InProgress while a cold build runs (longer than Infrakit's client
+    timeout); the controller asks again each poll and never gives up because of it."""
+    from mobykit.errors import InProgress
+
+    w = FakeWorld()
+    ctl = controller(w, config(size=3), backoff_initial=1.0, max_failures=2)
+    building = {"left": 30}
+    prepare = w.flavor.prepare
+
+    def slow_build(*args):
+        if building["left"] > 0:
+            building["left"] -= 1
+            raise InProgress("Properties.Image: the image is still being built (since ..., 12s): assembling")
+        return prepare(*args)
+
+    w.flavor.prepare = slow_build
+    st = run(ctl, w, steps=400)
+    assert st.converged and st.instances == 3
+    assert ctl.status().gave_up is None
+    assert ctl.status().failures == 0
+    assert building["left"] == 0  # it really was asked again and again

@@ -190,9 +190,10 @@ def run(args: argparse.Namespace) -> int:
         stop.wait()
         log.info("stopping: letting calls in progress finish (up to %.0fs)", args.grace)
     finally:
-        close = getattr(plugins.group, "close", None)
-        if callable(close):
-            close()  # stop the group controllers; their instances keep running
+        for component in (plugins.group, *plugins.flavors.values()):
+            close = getattr(component, "close", None)
+            if callable(close):
+                close()  # stop the group controllers (their instances keep running) and new builds
         threads = [threading.Thread(target=grpc_server.stop, args=(server, args.grace))]
         if jsonrpc is not None:
             threads.append(threading.Thread(target=jsonrpc.stop, args=(args.grace,)))

@@ -2,7 +2,7 @@
 
 YAML, from ``--config FILE`` or ``$MOBYKIT_CONFIG``; absent means defaults. Shape:
 ``{providers: {libvirt: {...}, aws: {...}, gcp: {...}, memory: {...}}, default_provider: NAME,
-cache: DIR, allow_paths: [DIR...]}``. Each
+cache: DIR, allow_paths: [DIR...], flavors: {moby: {PrepareWait: "10s"}}}``. Each
 provider section is handed to that provider unread: only the provider knows its keys, so an
 unknown key there is reported by the provider, naming it. Top-level keys are checked here.
 """

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mobykit.errors import InProgress
 from mobykit.group.model import BOOTSTRAP, GROUP_TAG, HASH_TAG, LOGICAL_ID_TAG, Member, Plan, Removal
 from mobykit.group.quorum import plan_quorum
 from mobykit.group.scaler import plan_scaled
@@ -385,6 +386,11 @@ class GroupController:
                     self._provisioned[iid] = (self._seq, cfg.hash, lid)
                     self._failures = 0
                     self._status.provisions += 1
+                elif isinstance(error, InProgress):
+                    # The flavor is still making what this provision needs (a cold image build):
+                    # ask again at the next poll, without counting it towards giving up.
+                    self._retry_at = max(self._retry_at, self.clock() + self.options.poll_interval)
+                    log.info("provision waits group=%s: %s", cfg.id, error)
                 elif error is not None:
                     self._record_failure(cfg, error)
             self.wake()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
-from mobykit.errors import Unavailable
+from mobykit.errors import InProgress, Unavailable
 from mobykit.image.progress import Progress, Task
 
 log = logging.getLogger("mobykit.image")
@@ -42,7 +42,7 @@ DEFAULT_WORKERS = 2
 DEFAULT_KEEP = 300.0
 
 
-class BuildInProgress(Unavailable):
+class BuildInProgress(InProgress):
     """The build a request needs is still running; the request should be made again. ``since`` is
     the wall-clock start (seconds since the epoch), ``elapsed`` seconds, ``step`` what it is doing."""
 
