@@ -324,6 +324,8 @@ def load(path: str | Path) -> GroupConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(f"cannot read: {e.strerror}", file=str(p)) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text (byte {e.start})", file=str(p)) from None
     try:
         doc = yaml.safe_load(text)  # JSON is YAML
     except yaml.YAMLError as e:

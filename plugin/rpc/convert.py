@@ -27,7 +27,11 @@ def from_value(value: struct_pb2.Value | None, present: bool = True) -> Any:
         return None
     if kind == "number_value":
         n = value.number_value
-        return int(n) if math.isfinite(n) and n.is_integer() and abs(n) < 2**53 else n
+        if not math.isfinite(n):
+            # struct.proto: NaN and Infinity cannot be serialized as JSON. Refused at the door, since a
+            # stored NaN would later break every JSON-RPC reply that carries it.
+            raise InvalidArgument(f"properties: {n} is not a JSON number (NaN and Infinity are not allowed)")
+        return int(n) if n.is_integer() and abs(n) < 2**53 else n
     if kind == "string_value":
         return value.string_value
     if kind == "bool_value":

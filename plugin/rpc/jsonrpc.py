@@ -49,6 +49,8 @@ log = logging.getLogger("mobykit.jsonrpc")
 E_PARSE, E_INVALID_REQ, E_NO_METHOD, E_BAD_PARAMS, E_SERVER = -32700, -32600, -32601, -32602, -32000
 MAX_BODY = 16 << 20  # a request larger than this is not an Infrakit call
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() also accepts "²"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate can get into a JSON string
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs: what is left is lone
 
 
 class RPCError(Exception):
@@ -431,7 +433,8 @@ class Dispatcher:
         except (TypeError, ValueError, RecursionError) as e:
             # A plugin returned something JSON cannot carry (NaN, a set, a cycle): a bug on our side.
             log.error("jsonrpc: cannot encode the reply: %s", e, exc_info=e)
-            return encode(error_object(E_SERVER, clip(f"internal error: the reply is not JSON: {e}"), None))
+            message = clip(f"internal error: the reply is not JSON: {e}")
+            return encode(error_object(E_SERVER, message, response.get("id")))
 
 
 def parse_body(body: bytes) -> Any:
@@ -439,7 +442,9 @@ def parse_body(body: bytes) -> Any:
 
     The shape is checked before ``json`` parses (``jsonscan``), so the parser cannot recurse past
     ``MAX_DEPTH``. NaN, Infinity and numbers too large for a double are refused: they are not JSON,
-    and a Go client could not read them back."""
+    and a Go client could not read them back. An escaped lone surrogate (``"\\udc80"``) becomes
+    U+FFFD, as Go's encoding/json reads it: left in, it could not be encoded as UTF-8 later (a gRPC
+    reply carrying it would fail)."""
     try:
         text = jsonscan.check(body)
     except jsonscan.ShapeError as e:
@@ -448,9 +453,22 @@ def parse_body(body: bytes) -> Any:
             raise RPCError(E_PARSE, f"parse error: {e}") from None
         raise RPCError(E_INVALID_REQ, f"invalid request: {e}") from None
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:  # RecursionError: cannot happen after the scan; kept as a net
         raise RPCError(E_PARSE, clip(f"parse error: {e}")) from None
+    return _without_lone_surrogates(value) if _SURROGATE_ESCAPE.search(text) else value
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings and keys replaced by U+FFFD (the scan
+    bounds the recursion at ``MAX_DEPTH``)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _no_constant(name: str) -> Any:
