@@ -141,7 +141,7 @@ class InstanceCore:
         machines = self.listings.do((name, tuple(sorted(wanted.items()))), lambda: provider.list(dict(wanted)))
         out = []
         for m in machines:
-            if m.state == "terminated" or not all(m.tags.get(k) == v for k, v in tags.items()):
+            if m.state == "terminated" or not wanted.items() <= m.tags.items():
                 continue
             props = None
             if properties:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,39 +98,47 @@ class DomainCache:
         with self._lock:
             return CacheStats(hits=self._hits, reads=self._reads)
 
-    def views(self, domains: Iterable[Any], trusted: bool = True) -> Iterator[tuple[Any, DomainView]]:
+    def views(self, domains: Iterable[Any], trusted: bool = True) -> list[tuple[Any, DomainView]]:
         """(domain, view) for each mobykit domain of a fresh ``listAllDomains``, in its order.
         ``trusted`` False forces the no-events path (the caller knows the event loop is down).
-        Domains that vanish while being read are left out."""
+        Domains that vanish while being read are left out.
+
+        The cached views are looked up under one lock acquisition for the whole listing (a
+        thousand domains must not mean two thousand lock round trips under a hundred clients);
+        each domain that has to be read takes the lock again to store its view."""
         lv = libvirt()
-        seen: set[str] = set()
-        for dom in domains:
-            name = dom.name()  # name and UUID come with the listing: no daemon round trip
-            if not name.startswith(ID_PREFIX):
+        # Name and UUID come with the listing: no daemon round trip (and no GIL release) for either.
+        ours = [(dom, name, dom.UUIDString())
+                for dom in domains if (name := dom.name()).startswith(ID_PREFIX)]
+        seen = {uuid for _dom, _name, uuid in ours}
+        now = self._clock()
+        with self._lock:
+            live = self._live and trusted
+            olds = [self._views.get(uuid) for _dom, _name, uuid in ours]
+            for uuid in [u for u in self._views if u not in seen]:
+                del self._views[uuid]  # undefined (behind our back or by us)
+        out: list[tuple[Any, DomainView]] = []
+        hits = reads = 0
+        for (dom, name, uuid), old in zip(ours, olds, strict=True):
+            if old is not None and live and now - old.fetched < self.max_age:
+                hits += 1
+                out.append((dom, old))
                 continue
-            uuid = dom.UUIDString()
-            seen.add(uuid)
             with self._lock:
-                old = self._views.get(uuid)
                 epoch = self._epoch
-                live = self._live and trusted
-            if old is not None and live and self._clock() - old.fetched < self.max_age:
-                with self._lock:
-                    self._hits += 1
-                yield dom, old
-                continue
             try:
                 view = self._read(dom, name, old)
             except lv.libvirtError:
                 continue  # removed while we looked
+            reads += 1
             with self._lock:
-                self._reads += 1
-                if self._epoch == epoch:
+                if self._epoch == epoch:  # else it changed while we read: keep nothing
                     self._views[uuid] = view
-            yield dom, view
+            out.append((dom, view))
         with self._lock:
-            for uuid in [u for u in self._views if u not in seen]:
-                del self._views[uuid]  # undefined (behind our back or by us)
+            self._hits += hits
+            self._reads += reads
+        return out
 
     def _read(self, dom: Any, name: str, old: DomainView | None) -> DomainView:
         """Read one domain; an unchanged metadata text reuses the old parse."""

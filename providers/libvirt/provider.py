@@ -362,6 +362,7 @@ class LibvirtProvider:
         (``cache.py``), re-read when libvirt or our own writes said it changed."""
         lv = libvirt()
         trusted = events.loop_running()
+        wanted = dict(tags).items()
         out = []
         for uri in self._uris():
             connection = self._connection(uri)
@@ -373,7 +374,7 @@ class LibvirtProvider:
                 meta = view.meta
                 if meta is None or view.machine is None:
                     continue  # a domain named like ours that we did not make
-                if any(meta.tags.get(k) != v for k, v in tags.items()):
+                if not wanted <= meta.tags.items():  # every wanted tag, with its value
                     continue
                 if meta.creating and time.time_ns() - meta.created < CREATE_GRACE * 1e9:
                     continue  # create() has not returned it yet (see the package docstring)
