@@ -12,10 +12,11 @@ PYTEST_ARGS ?=
 # download`, so the package lists must exist even when every package below is installed.
 # Debian packages the tests and the demo use: the local registry, qemu + a session libvirtd,
 # guest pieces (busybox, cpio, depmod), ISO and disk tools, skopeo/umoci for OCI layouts,
-# buildah for the Dockerfile test.
+# buildah for the Dockerfile test; boot loaders, firmware and file system tools for the disk and ISO formats.
 APT_PACKAGES := docker-registry qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
   libvirt-clients libvirt-dev pkg-config busybox-static xorriso genisoimage zstd cpio kmod skopeo umoci \
-  mtools dosfstools buildah debootstrap openssl libarchive-tools
+  mtools dosfstools buildah debootstrap openssl libarchive-tools \
+  isolinux syslinux syslinux-common syslinux-utils grub-efi-amd64-bin grub-pc-bin grub-common squashfs-tools ovmf fdisk
 
 .PHONY: setup apt venv test test-fast test-slow demo lint proto proto-check bench clean
 

@@ -52,6 +52,13 @@ class BuildError(MobykitError):
     exit_code = 5
 
 
+class MissingTool(BuildError):
+    """A program a format needs is not installed: names it and the Debian package that has it. The
+    build's input is fine but cannot be made here, so the CLI exits 2 as for bad input."""
+
+    exit_code = 2
+
+
 class NotFound(MobykitError):
     """A named instance, group or image does not exist (gRPC NOT_FOUND)."""
 

@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output format, repeatable (tar, kernel+initrd, ...); default: the spec's outputs, else kernel+initrd")
     p.add_argument("-o", "--dir", dest="outdir", default=".", metavar="DIR", help="output directory (default: .)")
     p.add_argument("--name", help="output base name (default: the first spec's base name)")
+    p.add_argument("--size", metavar="SIZE", help="disk size for disk formats (e.g. 1G, 512M; default: the "
+                   "smallest that fits, whole GiB for aws and gcp)")
     add_cache_args(p)
     p.set_defaults(func=run)
 
@@ -33,7 +35,7 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from mobykit.image.build import build
+    from mobykit.image.build import build, parse_size
     from mobykit.image.cache import Cache, default_root
     from mobykit.image.progress import Progress
 
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     cache = Cache(args.cache or default_root())
     with Progress() as progress:
         result = build(args.specs, formats=formats or None, outdir=args.outdir, name=args.name, cache=cache,
-                       pull=args.pull, arch=args.arch, insecure=args.insecure, progress=progress)
+                       pull=args.pull, arch=args.arch, insecure=args.insecure, progress=progress,
+                       size=parse_size(args.size))
     if sys.stderr.isatty():
         state = "built" if result.rebuilt else "up to date"
         for path in result.outputs:

@@ -83,8 +83,28 @@ def resolve_template(ref: str, specs: list[Path | str | SpecSource], cache: Cach
     return build_pkg(recipe, cache=cache).ref
 
 
-def input_key(spec, images: dict[str, ImageInfo], locals_: dict[str, str], arch: str, mtime: int) -> str:
-    """sha256 over everything the canonical tar is a function of; computed before any layer is read."""
+def parse_size(text: str | int | None) -> int | None:
+    """``--size``: bytes from ``1024``, ``512M``, ``2G`` (binary units, as LinuxKit's ``--size``)."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int):
+        value = text
+    else:
+        t = text.strip().upper().removesuffix("B").removesuffix("I")
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        mult = units.get(t[-1:], 1) if t else 1
+        digits = t[:-1] if t[-1:] in units else t
+        if not digits.isdigit():
+            raise InvalidArgument(f"--size {text!r}: expected a size such as 1G, 512M or a number of bytes")
+        value = int(digits) * mult
+    if value <= 0:
+        raise InvalidArgument(f"--size {text!r}: must be positive")
+    return value
+
+
+def input_key(spec, images: dict[str, ImageInfo], locals_: dict[str, str], arch: str, mtime: int,
+              size: int | None = None) -> str:
+    """sha256 over everything the outputs are a function of; computed before any layer is read."""
     doc = {
         "build-format": BUILD_FORMAT,
         "arch": arch,
@@ -92,6 +112,7 @@ def input_key(spec, images: dict[str, ImageInfo], locals_: dict[str, str], arch:
         "spec": spec.canonical(),
         "images": {ref: info.digest for ref, info in sorted(images.items())},
         "local-files": dict(sorted(locals_.items())),
+        **({"size": size} if size is not None else {}),  # disk formats only; absent keeps old keys
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -121,6 +142,7 @@ def build(
     arch: str | None = None,
     insecure: Iterable[str] = (),
     progress=None,
+    size: int | None = None,
 ) -> BuildResult:
     """Build the image the spec files describe into ``outdir``; see the module docstring."""
     from mobykit.image.outputs import FORMATS
@@ -146,7 +168,7 @@ def build(
     concrete = {ref: resolve_template(ref, specs, cache) for ref in spec.refs()}
     images = {ref: ensure(cache, concrete[ref], arch, pull=pull, registry=registry) for ref in spec.refs()}
     locals_ = local_inputs(spec)
-    key = input_key(spec, images, locals_, arch, mtime)
+    key = input_key(spec, images, locals_, arch, mtime, size)
     inputs = {ref: info.digest for ref, info in images.items()}
 
     meta_path = outdir / f"{name}.json"
@@ -169,7 +191,8 @@ def build(
         if task:
             task.done()
         image_id = f"sha256:{digest}"
-        ctx = OutputContext(name=name, outdir=staging, tar_path=tar_path, image_id=image_id, mtime=mtime, tree=tree)
+        ctx = OutputContext(name=name, outdir=staging, tar_path=tar_path, image_id=image_id, mtime=mtime, tree=tree,
+                            size=size, workdir=work)
         produced: list[Path] = []
         for fmt in formats:
             task = progress.task(f"format {fmt}") if progress else None
