@@ -32,10 +32,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mobykit.core.errors import classify
 from mobykit.errors import InvalidArgument
-from mobykit.rpc import jsonscan, logthrottle
+from mobykit.rpc import infrakit_info, jsonscan, logthrottle
 from mobykit.rpc.limits import clip
 from mobykit.spi import flavor as flavor_spi
 from mobykit.spi import group as group_spi
@@ -265,24 +266,38 @@ class Dispatcher:
             )
 
     # handshake
-    def _objects(self) -> dict[str, list[str]]:
-        objects: dict[str, list[str]] = {}
+    def _objects(self, older: bool = False) -> dict[str, list[str]]:
+        """"Interface/version" -> the object names served under it. ``older`` adds the older
+        versions each SPI still accepts (``OLDER_INTERFACES``): Infrakit's client needs an exact
+        version match, so Infrakit v0.5 (which asks Handshake.Implements for Instance/0.5.0...)
+        refuses a plugin that lists only the newest. Handshake.Hello, which only newer Infrakits
+        call, lists the newest alone, as their plugins do."""
+        served: list[tuple[Any, list[str]]] = []
         if self.plugins.instance is not None:
-            objects[INSTANCE] = list(self.plugins.instance_types)
+            served.append((instance_spi, list(self.plugins.instance_types)))
         if self.plugins.flavors:
-            objects[FLAVOR] = list(self.plugins.flavors)
+            served.append((flavor_spi, list(self.plugins.flavors)))
         if self.plugins.group is not None:
-            objects[GROUP] = ["."]  # a single group plugin, as Infrakit's ServeSingle names it
+            served.append((group_spi, ["."]))  # a single group plugin, as Infrakit's ServeSingle names it
+        objects: dict[str, list[str]] = {}
+        for spi, names in served:
+            for iface in (spi.INTERFACE, *(spi.OLDER_INTERFACES if older else ())):
+                objects[_spec_name(iface)] = list(names)
         return objects
 
     def hello(self, params):
         return {"Objects": {k: [{"Name": n, "ProxyFor": ""} for n in v] for k, v in self._objects().items()}}
 
     def implements(self, params):
-        return {"APIs": [{"Name": k.split("/")[0], "Version": k.split("/")[1]} for k in self._objects()]}
+        return {"APIs": [{"Name": k.split("/")[0], "Version": k.split("/")[1]} for k in self._objects(older=True)]}
 
     def types(self, params):
-        return {"Types": self._objects()}
+        return {"Types": self._objects(older=True)}
+
+    def info(self, path: str) -> dict[str, Any] | None:
+        """The Infrakit info document at ``path`` (GET /info/api.json, /info/functions.json), built
+        from this dispatcher's method table; None for any other path."""
+        return infrakit_info.document(path, self._objects(), self.methods)
 
     # Instance/0.6.1
     def _type(self, params) -> str:
@@ -513,12 +528,27 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, server.dispatcher.respond(body))
 
     def do_GET(self):  # noqa: N802
-        self._reply(405, b'{"error": "POST JSON-RPC 2.0 to /"}')
+        """Infrakit's info documents (``mobykit.rpc.infrakit_info``); ``/`` answers 405 (JSON-RPC
+        is POSTed there), any other path 404, each with a JSON body saying what is served."""
+        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+            self.close_connection = True  # a GET's body is not read: the connection cannot carry another request
+        path = _request_path(self.path)
+        server: JsonRpcServer = self.server.owner  # type: ignore[attr-defined]
+        document = server.dispatcher.info(path)
+        if document is not None:
+            self._reply(200, encode(document))
+        elif path == "/":
+            self._reply(405, encode({"error": "POST JSON-RPC 2.0 to /"}), allow="POST")
+        else:
+            served = ", ".join(infrakit_info.PATHS)
+            self._reply(404, encode({"error": clip(f"not found: GET {path} (GET serves {served}; POST JSON-RPC 2.0 to /)")}))
 
-    def _reply(self, status: int, data: bytes) -> None:
+    def _reply(self, status: int, data: bytes, allow: str | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        if allow is not None:
+            self.send_header("Allow", allow)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -529,6 +559,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         log.debug("jsonrpc: " + format, *args)
+
+
+def _request_path(target: str) -> str:
+    """The path of a request target, without query or fragment: ``/info/api.json?x`` and the
+    absolute form ``http://h/info/api.json`` (which HTTP/1.1 servers must accept) both give
+    ``/info/api.json``."""
+    if "://" in target.partition("?")[0]:
+        return urlsplit(target).path or "/"
+    return target.partition("?")[0].partition("#")[0]
 
 
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -7,6 +7,9 @@ from typing import Any, Protocol
 from mobykit.spi.types import Allocation, Description, Health, Index, Spec
 
 INTERFACE = ("Flavor", "0.1.1")
+# Infrakit v0.5 (2017-05) spoke Flavor/0.1.0: the same four methods; a field an older client does
+# not send (Type, Index) takes its zero value, as Go's decoder would give it.
+OLDER_INTERFACES: tuple[tuple[str, str], ...] = (("Flavor", "0.1.0"),)
 
 
 class FlavorPlugin(Protocol):

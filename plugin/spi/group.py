@@ -8,6 +8,10 @@ from typing import Any, Protocol
 from mobykit.spi.types import Description
 
 INTERFACE = ("Group", "0.1.1")
+# Infrakit v0.5 (2017-05) spoke Group/0.1.0: CommitGroup {Spec, Pretend}, FreeGroup, DescribeGroup and
+# DestroyGroup {ID}, InspectGroups {}. Request fields added later (a plugin Name, InspectGroups' ID)
+# are optional here, and the fields our replies carry beyond 0.1.0's (ID) are ignored by its decoder.
+OLDER_INTERFACES: tuple[tuple[str, str], ...] = (("Group", "0.1.0"),)
 
 
 @dataclass

@@ -7,6 +7,10 @@ from typing import Any, Protocol
 from mobykit.spi.types import Description, DestroyReason, Spec
 
 INTERFACE = ("Instance", "0.6.1")
+# Older versions whose clients this SPI still serves, advertised by the older handshakes only.
+# Instance/0.5.0 is Infrakit v0.5 (2017-05): the same methods and fields except that Destroy has no
+# Context (it means terminate), so its requests are a subset of 0.6.1's.
+OLDER_INTERFACES: tuple[tuple[str, str], ...] = (("Instance", "0.5.0"),)
 
 
 class InstancePlugin(Protocol):
