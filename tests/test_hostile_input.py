@@ -345,7 +345,7 @@ def test_grpc_repeated_internal_errors_log_one_traceback_then_a_count(caplog):
     bugs = [r for r in caplog.records if "provider bug" in r.getMessage()]
     assert len(bugs) == 2, caplog.text  # the first, with its traceback; the count, when the server stops
     assert bugs[0].exc_info and not bugs[1].exc_info
-    assert "[49 more like this were not logged]" in bugs[1].getMessage()
+    assert "[the last of 49 like this that were not logged]" in bugs[1].getMessage()
 
 
 # -- the log throttle itself -----------------------------------------------------------------------
@@ -380,9 +380,9 @@ def test_throttle_logs_the_first_then_one_line_per_interval_with_a_count(throttl
         "bad request 10 [9 more like this in the last 60 s were not logged]",
     ]
     throttle.flush()
-    assert caplog.records[-1].getMessage() == "bad request 11 [1 more like this were not logged]"
+    assert caplog.records[-1].getMessage() == "bad request 11 [the last of 1 like this that were not logged]"
     throttle.flush()  # nothing is held back any more
-    assert caplog.records[-1].getMessage() == "bad request 11 [1 more like this were not logged]"
+    assert caplog.records[-1].getMessage() == "bad request 11 [the last of 1 like this that were not logged]"
 
 
 def test_throttle_keeps_the_first_traceback_of_each_distinct_bug(throttled, caplog):

@@ -37,6 +37,8 @@ class _Window:
 
 
 class LogThrottle(logging.Filter):
+    """See the module docstring. Thread-safe; ``clock`` is injectable so tests need not wait."""
+
     def __init__(
         self,
         interval: float = 60.0,
@@ -78,7 +80,7 @@ class LogThrottle(logging.Filter):
             self._windows.clear()
         for (name, level, _template, _where), w in pending:
             logging.getLogger(name).log(
-                level, "%s [%d more like this were not logged]", w.last, w.held, extra={_SUMMARY: True}
+                level, "%s [the last of %d like this that were not logged]", w.last, w.held, extra={_SUMMARY: True}
             )
 
     def reset(self) -> None:
