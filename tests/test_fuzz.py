@@ -36,6 +36,7 @@ from harness.mobykit_server import UnixHTTPConnection, post_raw
 from mobykit.cli.serve import compose
 from mobykit.core import paths
 from mobykit.errors import FailedPrecondition, MobykitError
+from mobykit.flavor.moby import MobyFlavor
 from mobykit.group import spec as group_spec
 from mobykit.rpc import convert, logthrottle
 from mobykit.rpc import server as rpc_server
@@ -282,7 +283,7 @@ def test_group_spec_files_of_any_bytes(data, roots):
 # -- instance and flavor properties, behind both transports ----------------------------------------
 
 
-def _no_build(image: Any) -> Any:
+def _no_build(*_args: Any) -> Any:
     raise FailedPrecondition("fuzz: images are not built here")
 
 
@@ -305,7 +306,8 @@ def served(roots) -> Iterator[Served]:
         "allow_paths": [str(roots)],
     }
     plugins = compose(config)
-    plugins.flavors["moby"]._build = _no_build  # validate never builds; a stray prepare must not either
+    # Validate never builds; a Prepare reached by random bytes must not either.
+    plugins.flavors["moby"] = MobyFlavor(config, instances=plugins.instance, build=_no_build)
     tmp = Path(tempfile.mkdtemp(prefix="mobykit-fuzz-sockets-"))
     server, bound = rpc_server.make_server(plugins, [rpc_server.Listen.parse(f"unix:{tmp}/grpc.sock")], max_workers=4)
     jsonrpc = JsonRpcServer(plugins, tmp / "plugins" / "mobykit").start()
@@ -316,8 +318,10 @@ def served(roots) -> Iterator[Served]:
         channel.close()
         jsonrpc.stop(grace=5)
         rpc_server.stop(server, grace=5)
-        if plugins.group is not None:
-            plugins.group.close()
+        for component in (plugins.group, *plugins.flavors.values()):  # as serve does on shutdown
+            close = getattr(component, "close", None)
+            if callable(close):
+                close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
