@@ -8,7 +8,7 @@ What is checked, each in a way that fails if the mechanism is missing or wrong:
 - the libvirt provider's per-domain cache serves repeated listings without re-reading domains,
   and drops a view when the domain changes outside mobykit (metadata changed, stopped, undefined)
   through events, and at once without events, and on our own writes even if no event ever comes;
-- a view read while its domain changed is never stored;
+- a view read while its domain changed is never stored, nor one whose state could not be read;
 - 20 clients (10 gRPC, 10 Infrakit JSON-RPC) x 20 describes against a real ``mobykit serve`` on
   libvirt's test driver, with Labels going on meanwhile: no failure, and every answer is at least
   as new as the last Label completed before its call began.
@@ -344,6 +344,7 @@ class FakeDomain:
     uuid: str
     text: str
     during_read: Callable[[], None] | None = None
+    state_fails: bool = False
 
     def name(self) -> str:
         return "mobykit-00000000000000000001-beef"
@@ -358,6 +359,9 @@ class FakeDomain:
         return self.text
 
     def state(self) -> list[int]:
+        if self.state_fails:
+            self.state_fails = False
+            raise libvirt.libvirtError("the daemon hiccupped")
         return [1, 0]
 
 
@@ -368,13 +372,25 @@ def test_a_view_read_while_its_domain_changed_is_not_kept():
     meta = InstanceMeta(tags={"g": "web"}, logical_id=None, image=None, created=1, volumes=[], pool="p")
     dom = FakeDomain("u-1", meta.xml())
     dom.during_read = lambda: cache.invalidate("u-1")
-    assert [v.meta.tags for _d, v in cache.views([dom])] == [{"g": "web"}]
+    assert [v.meta.tags for v in cache.views([dom])] == [{"g": "web"}]
     assert cache.stats().reads == 1
     list(cache.views([dom]))
     assert cache.stats().reads == 2  # read again: the first read may predate the change
     list(cache.views([dom]))
     assert cache.stats().reads == 2 and cache.stats().hits == 1
 
+
+
+@needs_libvirt
+def test_a_state_that_could_not_be_read_is_not_kept():
+    """Kept, "terminated" would hide a live instance from every listing until its next event."""
+    cache = DomainCache("test:///fake")
+    cache.set_live(True)
+    meta = InstanceMeta(tags={}, logical_id=None, image=None, created=1, volumes=[], pool="p")
+    dom = FakeDomain("u-2", meta.xml(), state_fails=True)
+    assert [v.machine.state for v in cache.views([dom])] == ["terminated"]
+    assert [v.machine.state for v in cache.views([dom])] == ["running"]
+    assert cache.stats().reads == 2
 
 # -- many clients against a real server ----------------------------------------------------------------
 
@@ -436,7 +452,8 @@ def test_twenty_clients_on_both_transports_get_complete_fresh_answers(tmp_path):
                     for _ in range(20):
                         began = time.monotonic()
                         try:
-                            record(began, [(d.id, d.tags) for d in c.instance.describe_instances("libvirt", GROUP)])
+                            listed = c.instance.describe_instances("libvirt", GROUP)
+                            record(began, [(d.id, d.tags) for d in listed])
                         except Exception as e:  # noqa: BLE001 - counted
                             failures.append(f"gRPC: {e}")
 

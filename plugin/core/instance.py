@@ -138,7 +138,8 @@ class InstanceCore:
         provider = self.provider(name)
         wanted = dict(tags)
         # The shared result is read-only: each caller builds its own Descriptions from it.
-        machines = self.listings.do((name, tuple(sorted(wanted.items()))), lambda: provider.list(dict(wanted)))
+        key = (name, tuple(sorted(wanted.items())))
+        machines = self.listings.do(key, lambda: provider.list(dict(wanted)))
         out = []
         for m in machines:
             if m.state == "terminated" or not wanted.items() <= m.tags.items():

@@ -89,17 +89,12 @@ class DomainCache:
             self._epoch += 1
             self._views.pop(uuid, None)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._epoch += 1
-            self._views.clear()
-
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(hits=self._hits, reads=self._reads)
 
-    def views(self, domains: Iterable[Any], trusted: bool = True) -> list[tuple[Any, DomainView]]:
-        """(domain, view) for each mobykit domain of a fresh ``listAllDomains``, in its order.
+    def views(self, domains: Iterable[Any], trusted: bool = True) -> list[DomainView]:
+        """The view of each mobykit domain of a fresh ``listAllDomains``, in its order.
         ``trusted`` False forces the no-events path (the caller knows the event loop is down).
         Domains that vanish while being read are left out.
 
@@ -117,12 +112,12 @@ class DomainCache:
             olds = [self._views.get(uuid) for _dom, _name, uuid in ours]
             for uuid in [u for u in self._views if u not in seen]:
                 del self._views[uuid]  # undefined (behind our back or by us)
-        out: list[tuple[Any, DomainView]] = []
+        out: list[DomainView] = []
         hits = reads = 0
         for (dom, name, uuid), old in zip(ours, olds, strict=True):
             if old is not None and live and now - old.fetched < self.max_age:
                 hits += 1
-                out.append((dom, old))
+                out.append(old)
                 continue
             with self._lock:
                 epoch = self._epoch
@@ -131,10 +126,13 @@ class DomainCache:
             except lv.libvirtError:
                 continue  # removed while we looked
             reads += 1
+            # Kept unless it changed while we read, or its state could not be read: a view saying
+            # "terminated" for a hiccup would hide a live instance from every listing until its next event.
+            keep = view.machine is None or view.machine.state != "terminated"
             with self._lock:
-                if self._epoch == epoch:  # else it changed while we read: keep nothing
+                if keep and self._epoch == epoch:
                     self._views[uuid] = view
-            out.append((dom, view))
+            out.append(view)
         with self._lock:
             self._hits += hits
             self._reads += reads

@@ -370,7 +370,7 @@ class LibvirtProvider:
                 domains = connection.conn.listAllDomains(0)
             except lv.libvirtError as e:
                 raise Unavailable(f"libvirt {uri}: {e.get_error_message()}") from None
-            for _dom, view in connection.cache.views(domains, trusted=trusted):
+            for view in connection.cache.views(domains, trusted=trusted):
                 meta = view.meta
                 if meta is None or view.machine is None:
                     continue  # a domain named like ours that we did not make
