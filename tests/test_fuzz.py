@@ -8,14 +8,15 @@ instance and flavor properties (in process, as protobuf Structs through the gRPC
 JSON through the JSON-RPC dispatcher) and raw transport bodies (random bytes to every gRPC method,
 hostile HTTP bodies to the JSON-RPC socket).
 
-Bounded and deterministic: ``derandomize=True`` and no example database (nothing is written to
-``.hypothesis/``); the whole file runs in well under a minute.
+Bounded and deterministic: ``derandomize=True`` and no example database; Hypothesis's other caches
+go to $TMPDIR/mobykit-hypothesis, so nothing is left in ``.hypothesis/``. The file runs in 20-50 s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import string
@@ -31,6 +32,7 @@ import yaml
 from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from harness.mobykit_server import UnixHTTPConnection, post_raw
 from mobykit.cli.serve import compose
@@ -49,12 +51,21 @@ from mobykit.spec.load import loads
 from mobykit.spi.group import GroupSpec
 from mobykit.spi.types import Allocation
 
+# Hypothesis caches what it reads from source files in ./.hypothesis even without an example database,
+# and does so while pytest collects (before any fixture runs): point it outside the work tree now.
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "mobykit-hypothesis")
+
 FUZZ = settings(
     max_examples=150,
     deadline=None,
     derandomize=True,
     database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 FEW = settings(FUZZ, max_examples=40)
 
@@ -104,7 +115,8 @@ def assert_clean(validate, *args) -> None:
 WORDS = st.sampled_from([
     "", "0", "-1", "1m30s", "90s", "500ms", "1.5h", "h", "25%", "101%", "x%", "auto", "none", "console",
     "running", "tcp", "http", "/", "/health", "8080:80", "udp/53:53", "0:22", "99999:1", "a:b",
-    "sha256:" + "0" * 64, "sha256:xyz", "mobykit/libvirt", "mobykit/moby", "mobykit/vanilla", "mobykit/memory",
+    "sha256:" + "0" * 64, "sha256:xyz", "mobykit/libvirt", "mobykit/moby", "mobykit/vanilla",
+    "mobykit/memory",
     "other/x", "libvirt", "memory", "aws", "test:///default", "spec.yml", "../etc/passwd", "a\x00b", "~/x",
     "\udc80", "é" * 3,
 ]) | st.text(max_size=20)  # fmt: skip
@@ -127,7 +139,9 @@ JSON = st.recursive(
     max_leaves=25,
 )
 COUNTS = st.integers(-2, 10) | st.sampled_from([2**31, 2**53 + 1, 1.5, 3.0])
-DURATIONS = st.sampled_from(["0", "90s", "1m30s", "500ms", "1.5h", "-1s", "5x", "", "1m1"]) | st.integers(-5, 600)
+DURATIONS = st.sampled_from(["0", "90s", "1m30s", "500ms", "1.5h", "-1s", "5x", "", "1m1"]) | st.integers(
+    -5, 600
+)
 LISTS_OF_WORDS = st.lists(WORDS, max_size=3)
 MAPS_OF_WORDS = st.dictionaries(WORDS, WORDS, max_size=3)
 
@@ -146,70 +160,140 @@ def shaped(
         {k: mostly(v) for k, v in fields.items() if k in required},
         optional={k: mostly(v) for k, v in fields.items() if k not in required},
     )
-    stray = st.one_of(st.just({}), st.just({}), st.just({}), st.dictionaries(KEYS, JSON, min_size=1, max_size=1))
+    stray = st.one_of(
+        st.just({}), st.just({}), st.just({}), st.dictionaries(KEYS, JSON, min_size=1, max_size=1)
+    )
     return st.builds(lambda k, extra: {**extra, **k}, known, stray)
 
 
-INSTANCE_PROPS = shaped({
-    "CPUs": COUNTS, "Memory": st.integers(-1, 4096) | COUNTS,
-    "Image": st.sampled_from(["sha256:" + "ab" * 32, "sha256:xyz"]) | WORDS,
-    "Kernel": st.sampled_from(["/boot/k", "spec.yml", ""]) | WORDS, "Initrd": st.sampled_from(["/boot/i", ""]) | WORDS,
-    "Cmdline": WORDS, "URI": st.sampled_from(["test:///default", "qemu:///system", "test:///x.xml"]) | WORDS,
-    "Pool": WORDS, "Publish": st.lists(st.sampled_from(["8080:80", "udp/53:53", "0:22", "1:1"]) | WORDS | COUNTS),
-})  # fmt: skip
+INSTANCE_PROPS = shaped(
+    {
+        "CPUs": COUNTS,
+        "Memory": st.integers(-1, 4096) | COUNTS,
+        "Image": st.sampled_from(["sha256:" + "ab" * 32, "sha256:xyz"]) | WORDS,
+        "Kernel": st.sampled_from(["/boot/k", "spec.yml", ""]) | WORDS,
+        "Initrd": st.sampled_from(["/boot/i", ""]) | WORDS,
+        "Cmdline": WORDS,
+        "URI": st.sampled_from(["test:///default", "qemu:///system", "test:///x.xml"]) | WORDS,
+        "Pool": WORDS,
+        "Publish": st.lists(st.sampled_from(["8080:80", "udp/53:53", "0:22", "1:1"]) | WORDS | COUNTS),
+    }
+)
 ATTACHMENTS = st.lists(shaped({"ID": WORDS, "Type": WORDS}), max_size=2)
 VANILLA_PROPS = shaped({"Init": LISTS_OF_WORDS, "Tags": MAPS_OF_WORDS, "Attachments": ATTACHMENTS})
-IMAGE_REFS = st.sampled_from(["linuxkit/kernel:6.6", "linuxkit/init:v1", "alpine@sha256:" + "0" * 64, "Bad Ref"]) | WORDS
-SERVICE = shaped({
-    "name": st.sampled_from(["getty", "sshd", "-x", "a" * 200]) | WORDS, "image": IMAGE_REFS,
-    "capabilities": st.lists(st.sampled_from(["CAP_ALL", "CAP_NET_ADMIN", "NET_ADMIN", "CAP_BOGUS"]) | WORDS),
-    "binds": st.lists(st.sampled_from(["/etc:/etc", "/var:/var:ro", "x", "/a:/b:bogus"]) | WORDS),
-    "command": LISTS_OF_WORDS, "env": LISTS_OF_WORDS, "net": st.sampled_from(["host", "none", "/proc/1/ns/net"]) | WORDS,
-    "rlimits": st.lists(st.sampled_from(["nofile,1024,2048", "RLIMIT_BOGUS,1,1"]) | WORDS),
-    "uid": COUNTS | WORDS, "readonly": st.booleans(), "sysctl": MAPS_OF_WORDS,
-})  # fmt: skip
-FILE = shaped({
-    "path": st.sampled_from(["etc/hosts", "/etc/x", "../escape", "a/../../b"]) | WORDS, "contents": WORDS,
-    "directory": st.booleans(), "symlink": WORDS, "source": st.sampled_from(["spec.yml", "../x", "~/x", "/etc/hosts"]),
-    "metadata": st.sampled_from(["yaml", "json"]) | WORDS, "optional": st.booleans(),
-    "mode": st.sampled_from(["0644", "0755", "0o7", "999", "12345"]) | COUNTS, "uid": COUNTS | WORDS, "gid": WORDS,
-})  # fmt: skip
-SPEC_DOCS = shaped({
-    "kernel": shaped({"image": IMAGE_REFS, "cmdline": WORDS, "binary": WORDS, "tar": WORDS, "ucode": WORDS}),
-    "init": st.lists(IMAGE_REFS, max_size=3), "onboot": st.lists(SERVICE, max_size=2),
-    "services": st.lists(SERVICE, max_size=2), "onshutdown": st.lists(SERVICE, max_size=1),
-    "system": st.lists(SERVICE, max_size=1), "files": st.lists(FILE, max_size=3),
-    "trust": shaped({"org": LISTS_OF_WORDS, "image": LISTS_OF_WORDS}),
-    "outputs": st.lists(shaped({"format": st.sampled_from(["kernel+initrd", "iso-bios", "raw-bios"]) | WORDS})),
-})  # fmt: skip
-MOBY_PROPS = shaped({
-    "Image": st.sampled_from(["spec.yml", "missing.yml", "/etc/passwd"]) | st.lists(WORDS, max_size=2) | SPEC_DOCS,
-    "Init": LISTS_OF_WORDS, "Tags": MAPS_OF_WORDS,
-    "Health": shaped({"Mode": st.sampled_from(["console", "running", "tcp", "http"]) | WORDS,
-                      "Port": st.integers(-1, 70000), "Path": WORDS, "Deadline": DURATIONS}),
-    "Drain": shaped({"Command": WORDS | LISTS_OF_WORDS, "Grace": DURATIONS}),
-}, required=("Image",))  # fmt: skip
-PLUGINS = st.sampled_from(["mobykit/libvirt", "mobykit/memory", "mobykit/vanilla", "mobykit/moby", "other/x", ""])
-GROUP_PROPS = shaped({
-    "Allocation": shaped({"Size": COUNTS, "LogicalIDs": st.lists(st.sampled_from(["a", "b", ""]) | WORDS, max_size=3)}),
-    "Instance": shaped({"Plugin": PLUGINS, "Properties": INSTANCE_PROPS}, required=("Plugin", "Properties")),
-    "Flavor": shaped({"Plugin": PLUGINS, "Properties": VANILLA_PROPS | MOBY_PROPS}, required=("Plugin", "Properties")),
-    "Updating": shaped({
-        "MaxSurge": COUNTS | st.sampled_from(["25%", "0", "101%"]), "MaxUnavailable": COUNTS | WORDS,
-        "MinReadySeconds": DURATIONS, "Count": COUNTS, "Duration": DURATIONS,
-        "Rollback": st.sampled_from(["auto", "none"]) | st.booleans(),
-    }),
-}, required=("Allocation", "Instance", "Flavor"))  # fmt: skip
+IMAGE_REFS = (
+    st.sampled_from(["linuxkit/kernel:6.6", "linuxkit/init:v1", "alpine@sha256:" + "0" * 64, "Bad Ref"])
+    | WORDS
+)
+SERVICE = shaped(
+    {
+        "name": st.sampled_from(["getty", "sshd", "-x", "a" * 200]) | WORDS,
+        "image": IMAGE_REFS,
+        "capabilities": st.lists(
+            st.sampled_from(["CAP_ALL", "CAP_NET_ADMIN", "NET_ADMIN", "CAP_BOGUS"]) | WORDS
+        ),
+        "binds": st.lists(st.sampled_from(["/etc:/etc", "/var:/var:ro", "x", "/a:/b:bogus"]) | WORDS),
+        "command": LISTS_OF_WORDS,
+        "env": LISTS_OF_WORDS,
+        "net": st.sampled_from(["host", "none", "/proc/1/ns/net"]) | WORDS,
+        "rlimits": st.lists(st.sampled_from(["nofile,1024,2048", "RLIMIT_BOGUS,1,1"]) | WORDS),
+        "uid": COUNTS | WORDS,
+        "readonly": st.booleans(),
+        "sysctl": MAPS_OF_WORDS,
+    }
+)
+FILE = shaped(
+    {
+        "path": st.sampled_from(["etc/hosts", "/etc/x", "../escape", "a/../../b"]) | WORDS,
+        "contents": WORDS,
+        "directory": st.booleans(),
+        "symlink": WORDS,
+        "source": st.sampled_from(["spec.yml", "../x", "~/x", "/etc/hosts"]),
+        "metadata": st.sampled_from(["yaml", "json"]) | WORDS,
+        "optional": st.booleans(),
+        "mode": st.sampled_from(["0644", "0755", "0o7", "999", "12345"]) | COUNTS,
+        "uid": COUNTS | WORDS,
+        "gid": WORDS,
+    }
+)
+SPEC_DOCS = shaped(
+    {
+        "kernel": shaped(
+            {"image": IMAGE_REFS, "cmdline": WORDS, "binary": WORDS, "tar": WORDS, "ucode": WORDS}
+        ),
+        "init": st.lists(IMAGE_REFS, max_size=3),
+        "onboot": st.lists(SERVICE, max_size=2),
+        "services": st.lists(SERVICE, max_size=2),
+        "onshutdown": st.lists(SERVICE, max_size=1),
+        "system": st.lists(SERVICE, max_size=1),
+        "files": st.lists(FILE, max_size=3),
+        "trust": shaped({"org": LISTS_OF_WORDS, "image": LISTS_OF_WORDS}),
+        "outputs": st.lists(
+            shaped({"format": st.sampled_from(["kernel+initrd", "iso-bios", "raw-bios"]) | WORDS})
+        ),
+    }
+)
+MOBY_PROPS = shaped(
+    {
+        "Image": st.sampled_from(["spec.yml", "missing.yml", "/etc/passwd"])
+        | st.lists(WORDS, max_size=2)
+        | SPEC_DOCS,
+        "Init": LISTS_OF_WORDS,
+        "Tags": MAPS_OF_WORDS,
+        "Health": shaped(
+            {
+                "Mode": st.sampled_from(["console", "running", "tcp", "http"]) | WORDS,
+                "Port": st.integers(-1, 70000),
+                "Path": WORDS,
+                "Deadline": DURATIONS,
+            }
+        ),
+        "Drain": shaped({"Command": WORDS | LISTS_OF_WORDS, "Grace": DURATIONS}),
+    },
+    required=("Image",),
+)
+PLUGINS = st.sampled_from(
+    ["mobykit/libvirt", "mobykit/memory", "mobykit/vanilla", "mobykit/moby", "other/x", ""]
+)
+GROUP_PROPS = shaped(
+    {
+        "Allocation": shaped(
+            {"Size": COUNTS, "LogicalIDs": st.lists(st.sampled_from(["a", "b", ""]) | WORDS, max_size=3)}
+        ),
+        "Instance": shaped(
+            {"Plugin": PLUGINS, "Properties": INSTANCE_PROPS}, required=("Plugin", "Properties")
+        ),
+        "Flavor": shaped(
+            {"Plugin": PLUGINS, "Properties": VANILLA_PROPS | MOBY_PROPS}, required=("Plugin", "Properties")
+        ),
+        "Updating": shaped(
+            {
+                "MaxSurge": COUNTS | st.sampled_from(["25%", "0", "101%"]),
+                "MaxUnavailable": COUNTS | WORDS,
+                "MinReadySeconds": DURATIONS,
+                "Count": COUNTS,
+                "Duration": DURATIONS,
+                "Rollback": st.sampled_from(["auto", "none"]) | st.booleans(),
+            }
+        ),
+    },
+    required=("Allocation", "Instance", "Flavor"),
+)
 GROUP_DOCS = shaped({"ID": WORDS, "Properties": GROUP_PROPS}, required=("ID", "Properties")) | shaped(
-    {"kind": st.sampled_from(["group", "group-controller", "x"]), "metadata": shaped({"name": WORDS}), "properties": GROUP_PROPS}
+    {
+        "kind": st.sampled_from(["group", "group-controller", "x"]),
+        "metadata": shaped({"name": WORDS}),
+        "properties": GROUP_PROPS,
+    }
 )
 
 # Text that is YAML-shaped often enough to get past the scanner into every later check.
 YAML_PIECES = st.sampled_from([
-    "kernel:\n", "  image: linuxkit/kernel:6.6\n", "  cmdline: console=ttyS0\n", "init:\n", "  - linuxkit/init:v1\n",
-    "onboot:\n", "services:\n", "  - name: getty\n", "    image: linuxkit/getty:v1\n", "    capabilities: [CAP_ALL]\n",
-    "    binds: [/etc:/etc]\n", "files:\n", "  - path: etc/hosts\n", "    contents: x\n", "    mode: 0644\n",
-    "    source: ../x\n", "    uid: getty\n", "trust:\n", "outputs:\n", "  - format: kernel+initrd\n", "- ", ": ",
+    "kernel:\n", "  image: linuxkit/kernel:6.6\n", "  cmdline: console=ttyS0\n", "init:\n",
+    "  - linuxkit/init:v1\n", "onboot:\n", "services:\n", "  - name: getty\n",
+    "    image: linuxkit/getty:v1\n", "    capabilities: [CAP_ALL]\n", "    binds: [/etc:/etc]\n",
+    "files:\n", "  - path: etc/hosts\n", "    contents: x\n", "    mode: 0644\n", "    source: ../x\n",
+    "    uid: getty\n", "trust:\n", "outputs:\n", "  - format: kernel+initrd\n", "- ", ": ",
     "{", "}", "[", "]", ",", "&a ", "*a ", "<<: *a\n", "!!python/object:os.system ", "!!binary ", "---\n",
     "...\n", "'", '"', "\\", "#", "\t", "? ", "|\n", ">-\n", "%YAML 1.1\n", "\x00", "\x85", "\ufeff", "é",
     "0x1F", "1e9", ".nan", "~", "null", "yes", "2001-12-14", "\n", "  ",
@@ -309,7 +393,9 @@ def served(roots) -> Iterator[Served]:
     # Validate never builds; a Prepare reached by random bytes must not either.
     plugins.flavors["moby"] = MobyFlavor(config, instances=plugins.instance, build=_no_build)
     tmp = Path(tempfile.mkdtemp(prefix="mobykit-fuzz-sockets-"))
-    server, bound = rpc_server.make_server(plugins, [rpc_server.Listen.parse(f"unix:{tmp}/grpc.sock")], max_workers=4)
+    server, bound = rpc_server.make_server(
+        plugins, [rpc_server.Listen.parse(f"unix:{tmp}/grpc.sock")], max_workers=4
+    )
     jsonrpc = JsonRpcServer(plugins, tmp / "plugins" / "mobykit").start()
     channel = grpc.insecure_channel(bound[0])
     try:
@@ -346,14 +432,19 @@ def carried(data: Any, out) -> bool:
 
 def assert_serves(s: Served) -> None:
     stub = pbg.InstanceStub(s.grpc_channel)
-    assert stub.DescribeInstances(pb.DescribeInstancesRequest(type="libvirt", tags={"fuzz": "none"})).type == "libvirt"
+    assert (
+        stub.DescribeInstances(pb.DescribeInstancesRequest(type="libvirt", tags={"fuzz": "none"})).type
+        == "libvirt"
+    )
     reply = json.loads(post_raw(s.jsonrpc_path, b'{"method": "Handshake.Implements", "id": 1}')[2])
     assert reply["result"]["APIs"]
 
 
 def dispatch(s: Served, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """One JSON-RPC call through the dispatcher (in process: the socket is fuzzed on its own below)."""
-    body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}).encode("utf-8", "surrogatepass")
+    body = json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}).encode(
+        "utf-8", "surrogatepass"
+    )
     reply = json.loads(s.dispatcher.respond(body))
     if "error" in reply:
         assert reply["error"]["code"] in (-32700, -32600, -32602, -32000), reply
@@ -381,13 +472,19 @@ def test_flavor_properties_in_process_and_over_both_transports(served):
     validate = pbg.FlavorStub(served.grpc_channel).Validate
 
     @FUZZ
-    @given(flavor=st.sampled_from(["moby", "vanilla"]), props=mostly(MOBY_PROPS | VANILLA_PROPS), size=st.integers(0, 5))
+    @given(
+        flavor=st.sampled_from(["moby", "vanilla"]),
+        props=mostly(MOBY_PROPS | VANILLA_PROPS),
+        size=st.integers(0, 5),
+    )
     def examples(flavor, props, size):
         assert_clean(served.plugins.flavor(flavor).validate, flavor, props, Allocation(size=size))
         request = pb.ValidateFlavorRequest(type=flavor, allocation=pb.Allocation(size=size))
         if carried(props, request.properties):
             assert grpc_status(validate, request) in CLEAN_STATUSES
-        dispatch(served, "Flavor.Validate", {"Type": flavor, "Properties": props, "Allocation": {"Size": size}})
+        dispatch(
+            served, "Flavor.Validate", {"Type": flavor, "Properties": props, "Allocation": {"Size": size}}
+        )
 
     examples()
     assert_serves(served)
@@ -481,7 +578,11 @@ ENVELOPES = st.builds(
     JSON | st.lists(JSON, max_size=1),
     JSON,
 ).map(lambda t: t.encode("utf-8", "surrogatepass"))
-BODIES = st.binary(max_size=300) | st.lists(JSON_PIECES, max_size=40).map(lambda p: "".join(p).encode()) | ENVELOPES
+BODIES = (
+    st.binary(max_size=300)
+    | st.lists(JSON_PIECES, max_size=40).map(lambda p: "".join(p).encode())
+    | ENVELOPES
+)
 
 
 def exchange(path: Path, request: bytes) -> bytes:
@@ -511,7 +612,9 @@ def test_hostile_content_lengths_to_the_jsonrpc_socket(served):
     @given(length=CONTENT_LENGTHS, body=st.binary(max_size=60))
     def examples(length, body):
         header = f"Content-Length: {length}\r\n".encode("latin-1", "replace")
-        reply = exchange(served.jsonrpc_path, b"POST / HTTP/1.1\r\nConnection: close\r\n" + header + b"\r\n" + body)
+        reply = exchange(
+            served.jsonrpc_path, b"POST / HTTP/1.1\r\nConnection: close\r\n" + header + b"\r\n" + body
+        )
         head, _, payload = reply.partition(b"\r\n\r\n")
         status = int(head.split(b" ")[1])
         assert status in (200, 400, 411, 413), head

@@ -106,9 +106,13 @@ HELLO = b'{"method": "Handshake.Hello", '
         pytest.param(HELLO + b'"id": 1e999}', PARSE, "too large", id="float-overflow"),
         pytest.param(HELLO + b'"id": ' + b"9" * 5000 + b"}", PARSE, "parse error", id="5000-digit-int"),
         pytest.param(b"[" * 33 + b"]" * 33, INVALID, "deeper than 32", id="33-deep"),
-        pytest.param(b'["' + b"x" * (limits.MAX_STRING + 1) + b'"]', INVALID, "longer than", id="huge-string"),
+        pytest.param(
+            b'["' + b"x" * (limits.MAX_STRING + 1) + b'"]', INVALID, "longer than", id="huge-string"
+        ),
         pytest.param(b"[" + b"0," * limits.MAX_VALUES + b"0]", INVALID, "more than 100000", id="huge-array"),
-        pytest.param(b"[" + b"{}," * (MAX_BODY // 3 - 1) + b"{}]", INVALID, "more than 100000", id="16MiB-of-dicts"),
+        pytest.param(
+            b"[" + b"{}," * (MAX_BODY // 3 - 1) + b"{}]", INVALID, "more than 100000", id="16MiB-of-dicts"
+        ),
         pytest.param(b"[]", INVALID, "expected a JSON object", id="not-an-object"),
     ],
 )
@@ -143,12 +147,16 @@ def test_jsonrpc_limits_leave_room_for_real_calls():
         deep: object = "leaf"
         for _ in range(limits.MAX_DEPTH - 4):  # the envelope, params and Spec take the other levels
             deep = {"k": deep}
-        spec = {"Properties": {"Nested": deep}, "Tags": {f"t{i}": "v" for i in range(50_000)}, "Init": "x" * (512 << 10)}
+        spec = {
+            "Properties": {"Nested": deep},
+            "Tags": {f"t{i}": "v" for i in range(50_000)},
+            "Init": "x" * (512 << 10),
+        }
         resp = call(server.path, "Instance.Provision", {"Type": "libvirt", "Spec": spec})
         assert resp["result"]["ID"], resp
-        (d,) = call(server.path, "Instance.DescribeInstances", {"Type": "libvirt", "Properties": True})["result"][
-            "Descriptions"
-        ]
+        (d,) = call(server.path, "Instance.DescribeInstances", {"Type": "libvirt", "Properties": True})[
+            "result"
+        ]["Descriptions"]
         assert d["Properties"]["Nested"] == deep
 
 
@@ -157,7 +165,8 @@ def test_jsonrpc_lone_surrogates_become_replacement_characters_readable_over_grp
     break every gRPC reply carrying it. Go's encoding/json reads it as U+FFFD, and so do we."""
     plugins = memory_plugins(name="libvirt")
     with jsonrpc_server(plugins) as server, grpc_server(plugins) as (_, bound, _tmp):
-        params = b'{"Type": "libvirt", "Spec": {"Tags": {"t\\udc80": "v\\ud800"}, "Properties": {"k": "\\udfffx"}}}'
+        spec = b'{"Tags": {"t\\udc80": "v\\ud800"}, "Properties": {"k": "\\udfffx"}}'
+        params = b'{"Type": "libvirt", "Spec": %s}' % spec
         _, _, raw = post_raw(server.path, b'{"method": "Instance.Provision", "id": 1, "params": %s}' % params)
         iid = json.loads(raw)["result"]["ID"]
         with grpc.insecure_channel(bound[0]) as channel:
@@ -242,7 +251,10 @@ def decodes(message: type, payload: bytes) -> bool:
 
 
 def assert_grpc_serves(channel: grpc.Channel) -> None:
-    assert pbg.InstanceStub(channel).DescribeInstances(pb.DescribeInstancesRequest(), timeout=10).descriptions == []
+    assert (
+        pbg.InstanceStub(channel).DescribeInstances(pb.DescribeInstancesRequest(), timeout=10).descriptions
+        == []
+    )
 
 
 def test_grpc_300_random_byte_requests_are_invalid_argument_with_few_log_lines(caplog, capfd):
@@ -252,9 +264,13 @@ def test_grpc_300_random_byte_requests_are_invalid_argument_with_few_log_lines(c
     with grpc_server(memory_plugins()) as (_, bound, _tmp), grpc.insecure_channel(bound[0]) as channel:
         answers = [raw_call(channel, "/mobykit.v1.Instance/DescribeInstances", p) for p in payloads]
         assert_grpc_serves(channel)
-    undecodable = [a for p, a in zip(payloads, answers, strict=True) if not decodes(pb.DescribeInstancesRequest, p)]
+    undecodable = [
+        a for p, a in zip(payloads, answers, strict=True) if not decodes(pb.DescribeInstancesRequest, p)
+    ]
     assert len(undecodable) >= 250  # random bytes are rarely a valid message; the rest may be served
-    assert all(code == INVALID_ARGUMENT and "not a valid protobuf message" in msg for code, msg in undecodable)
+    assert all(
+        code == INVALID_ARGUMENT and "not a valid protobuf message" in msg for code, msg in undecodable
+    )
     assert {code for code, _ in answers} <= {INVALID_ARGUMENT, OK}
     assert 1 <= len(lines(caplog)) <= 5, caplog.text
     assert_no_traceback(caplog, capfd)
@@ -281,7 +297,9 @@ def test_grpc_struct_nested_past_protobufs_limit_is_invalid_argument(caplog, cap
             code, msg = raw_call(channel, "/mobykit.v1.Instance/Validate", request)
             assert code == INVALID_ARGUMENT and "Error parsing" in msg, (depth, code, msg)
         # Just inside protobuf's limit it decodes and is validated as usual.
-        request = pb.ValidateInstanceRequest.FromString(b"\x12" + _varint(len(v := nested_struct_value(30))) + v)
+        request = pb.ValidateInstanceRequest.FromString(
+            b"\x12" + _varint(len(v := nested_struct_value(30))) + v
+        )
         pbg.InstanceStub(channel).Validate(request, timeout=10)
         assert_grpc_serves(channel)
     assert_no_traceback(caplog, capfd)
@@ -300,9 +318,13 @@ def test_grpc_huge_fields_get_their_real_status(caplog, capfd):
         # The message quotes the 3 MB type; before clipping it overflowed the trailer (RESOURCE_EXHAUSTED).
         with pytest.raises(grpc.RpcError) as e:
             stub.Validate(pb.ValidateInstanceRequest(type="x" * 3_000_000), timeout=10)
-        assert e.value.code() == INVALID_ARGUMENT and len(e.value.details().encode()) <= limits.MAX_MESSAGE_BYTES
+        assert (
+            e.value.code() == INVALID_ARGUMENT and len(e.value.details().encode()) <= limits.MAX_MESSAGE_BYTES
+        )
         # Over gRPC's 4 MiB receive limit: grpc itself refuses it.
-        code, _ = raw_call(channel, "/mobykit.v1.Instance/Validate", b"\x0a\x84\x80\x80\x03" + b"x" * (6 << 20))
+        code, _ = raw_call(
+            channel, "/mobykit.v1.Instance/Validate", b"\x0a\x84\x80\x80\x03" + b"x" * (6 << 20)
+        )
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         # NaN is not JSON: refused at the door rather than stored to break a JSON-RPC reply later.
         request = pb.ProvisionRequest(spec=pb.Spec())
@@ -326,7 +348,10 @@ def test_grpc_garbage_to_health_and_streaming_reflection_is_invalid_argument(cap
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
-        assert check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            check(health_pb2.HealthCheckRequest(), timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     assert_no_traceback(caplog, capfd)
 
 
@@ -336,7 +361,10 @@ class Exploding(MemoryProvider):
 
 
 def test_grpc_repeated_internal_errors_log_one_traceback_then_a_count(caplog):
-    with grpc_server(memory_plugins(Exploding())) as (_, bound, _tmp), grpc.insecure_channel(bound[0]) as channel:
+    with (
+        grpc_server(memory_plugins(Exploding())) as (_, bound, _tmp),
+        grpc.insecure_channel(bound[0]) as channel,
+    ):
         stub = pbg.InstanceStub(channel)
         for _ in range(50):
             with pytest.raises(grpc.RpcError) as e:

@@ -80,7 +80,11 @@ class LogThrottle(logging.Filter):
             self._windows.clear()
         for (name, level, _template, _where), w in pending:
             logging.getLogger(name).log(
-                level, "%s [the last of %d like this that were not logged]", w.last, w.held, extra={_SUMMARY: True}
+                level,
+                "%s [the last of %d like this that were not logged]",
+                w.last,
+                w.held,
+                extra={_SUMMARY: True},
             )
 
     def reset(self) -> None:
