@@ -43,7 +43,8 @@ def _files(outdir: Path) -> set[str]:
 def test_build_writes_formats_json_and_the_id_of_the_canonical_tar(project, cache, tmp_path):
     out = tmp_path / "out"
     r = build([project / "example.yml"], formats=["tar", "kernel+initrd"], outdir=out, cache=cache)
-    assert _files(out) == {"example.tar", "example-kernel", "example-initrd.img", "example-cmdline", "example.json"}
+    assert _files(out) == {"example.tar", "example-kernel", "example-initrd.img", "example-cmdline", "example.json",
+                           "example.spdx.json"}
     assert r.image_id == "sha256:" + hashlib.sha256((out / "example.tar").read_bytes()).hexdigest()
     meta = json.loads((out / "example.json").read_text())
     assert meta["image-id"] == r.image_id
@@ -91,7 +92,7 @@ def test_reproducible_across_cache_order_timestamps_and_machines(project, tmp_pa
         outs.append((build([project / "example.yml"], formats=["tar", "kernel+initrd"], outdir=out, cache=c), out))
     (a, da), (b, db) = outs
     assert a.image_id == b.image_id
-    for name in ("example.tar", "example-initrd.img", "example-kernel", "example-cmdline"):
+    for name in ("example.tar", "example-initrd.img", "example-kernel", "example-cmdline", "example.spdx.json"):
         assert (da / name).read_bytes() == (db / name).read_bytes(), name
 
 

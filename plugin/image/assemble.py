@@ -4,7 +4,9 @@
   its ``kernel.tar`` (modules) at the root;
 - every ``init`` image's root filesystem at the root, later images over earlier ones;
 - one OCI bundle per onboot/service/onshutdown entry (``mobykit.image.bundle``);
-- the ``files`` section last, so it can override anything above.
+- the ``files`` section, so it can override anything above;
+- the SBOM (``mobykit.image.sbom``) at ``/sbom.spdx.json`` last, as ``linuxkit build`` writes it
+  after everything else: it needs to know where each image was unpacked.
 
 Each image is unpacked once however many entries use it; contents stay in the work directory
 and are only referenced by the Tree.
@@ -16,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -24,6 +27,7 @@ from mobykit.core import paths
 from mobykit.errors import ImageError, SpecError
 from mobykit.image.bundle import add_bundle
 from mobykit.image.cache import Cache, ImageInfo
+from mobykit.image.sbom import SBOM_PATH, Placement
 from mobykit.image.tree import Entry, FileContent, Tree
 
 KINDS = ("onboot", "services", "onshutdown")
@@ -87,20 +91,32 @@ class _Unpacker:
         return self.trees[info.digest]
 
 
-def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progress=None) -> Tree:
+def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progress=None,
+             sbom: Callable[[list[Placement]], bytes] | None = None) -> Tree:
+    """The image's tree. ``sbom`` (``mobykit.image.sbom.ImageSbom``) is given where each image
+    was unpacked and returns the document to put at ``SBOM_PATH``."""
     from mobykit.image.progress import silent
 
     unpack = _Unpacker(cache, images, work, progress or silent())
     tree = Tree()
+    placements: list[Placement] = []
     if spec.kernel is not None:
         _add_kernel(tree, spec.kernel, unpack(spec.kernel.image), work)
+        placements.append(Placement(spec.kernel.image, ""))
     for ref in spec.init:
         tree.graft("", unpack(ref))
+        placements.append(Placement(ref, ""))
     for kind in KINDS:
         for entry in getattr(spec, kind):
             rootfs = unpack(entry.image)
             add_bundle(tree, entry.prefix, entry, images[entry.image], rootfs, spec)
+            # add_bundle unpacks a writable bundle's image in lower/ (the overlay's lower layer), a read-only one in rootfs/
+            lower = tree.get(f"{entry.prefix}/lower")
+            root = "lower" if lower is not None and lower.type == "dir" else "rootfs"
+            placements.append(Placement(entry.image, f"{entry.prefix}/{root}"))
     _add_files(tree, spec, work)
+    if sbom is not None:
+        tree.add_bytes(SBOM_PATH, sbom(placements), mode=0o644)
     share_identical_files(tree)
     return tree
 

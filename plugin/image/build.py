@@ -2,7 +2,8 @@
 
     spec files -> Spec -> resolved images (cache, then registry) -> input key
       -> [skip when NAME.json already records that key and its outputs]
-      -> one canonical Tree -> NAME.tar (image id = its sha256) -> one function per output format
+      -> one canonical Tree (with its SBOM at /sbom.spdx.json) -> NAME.tar (image id = its sha256)
+      -> one function per output format, and NAME.spdx.json (the same SBOM) whatever the formats
 
 The input key is known before any layer is read (spec + resolved digests + local file hashes), so an
 unchanged spec costs a few stats. Outputs are made in a staging directory inside the output
@@ -26,10 +27,13 @@ from mobykit.core import paths
 from mobykit.errors import BuildError, InvalidArgument
 from mobykit.image.assemble import assemble, local_inputs
 from mobykit.image.cache import Cache, ImageInfo, default_root, host_arch
+from mobykit.image.sbom import ImageSbom, output_name
+from mobykit.image.sbom_oci import attestation_digests
 from mobykit.spec.load import SpecSource
 
 # Bump when the canonical tar or any output format changes, so old input keys stop matching.
-BUILD_FORMAT = 3
+# 4: the SBOM (/sbom.spdx.json in the tree, NAME.spdx.json beside it)
+BUILD_FORMAT = 4
 DEFAULT_FORMATS = ("kernel+initrd",)
 
 
@@ -103,14 +107,17 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 def input_key(spec, images: dict[str, ImageInfo], locals_: dict[str, str], arch: str, mtime: int,
-              size: int | None = None) -> str:
-    """sha256 over everything the outputs are a function of; computed before any layer is read."""
+              size: int | None = None, attestations: dict[str, list[str]] | None = None) -> str:
+    """sha256 over everything the outputs are a function of; computed before any layer is read.
+    ``attestations``: the SBOM attestation manifests each image's index lists (what the SBOM
+    merges), since an index can be re-pushed with another SBOM for the same image manifest."""
     doc = {
         "build-format": BUILD_FORMAT,
         "arch": arch,
         "mtime": mtime,
         "spec": spec.canonical(),
         "images": {ref: info.digest for ref, info in sorted(images.items())},
+        "attestations": {ref: digests for ref, digests in sorted((attestations or {}).items()) if digests},
         "local-files": dict(sorted(locals_.items())),
         **({"size": size} if size is not None else {}),  # disk formats only; absent keeps old keys
     }
@@ -168,7 +175,8 @@ def build(
     concrete = {ref: resolve_template(ref, specs, cache) for ref in spec.refs()}
     images = {ref: ensure(cache, concrete[ref], arch, pull=pull, registry=registry) for ref in spec.refs()}
     locals_ = local_inputs(spec)
-    key = input_key(spec, images, locals_, arch, mtime, size)
+    attestations = {ref: attestation_digests(cache, info) for ref, info in images.items()}
+    key = input_key(spec, images, locals_, arch, mtime, size, attestations)
     inputs = {ref: info.digest for ref, info in images.items()}
 
     meta_path = outdir / f"{name}.json"
@@ -183,7 +191,10 @@ def build(
         from mobykit.image.outputs import OutputContext
         from mobykit.image.tree import write_tar
 
-        tree = assemble(spec, images, cache, work, progress=progress)
+        # The SBOM's namespace comes from the key without --size: the tree does not depend on it.
+        sbom = ImageSbom(cache, images, arch, seed=input_key(spec, images, locals_, arch, mtime, None, attestations),
+                         mtime=mtime, fetch=registry.fetch_attestation)
+        tree = assemble(spec, images, cache, work, progress=progress, sbom=sbom)
         tar_path = staging / ".canonical.tar"  # the tar format links it as NAME.tar
         task = progress.task(f"write {name}.tar ({len(tree)} entries)") if progress else None
         with open(tar_path, "wb") as out:
@@ -193,7 +204,10 @@ def build(
         image_id = f"sha256:{digest}"
         ctx = OutputContext(name=name, outdir=staging, tar_path=tar_path, image_id=image_id, mtime=mtime, tree=tree,
                             size=size, workdir=work)
-        produced: list[Path] = []
+        sbom_path = staging / output_name(name)
+        assert sbom.data is not None, "assemble makes the SBOM"
+        sbom_path.write_bytes(sbom.data)
+        produced: list[Path] = [sbom_path]
         for fmt in formats:
             task = progress.task(f"format {fmt}") if progress else None
             outputs_of_format = FORMATS[fmt](ctx)

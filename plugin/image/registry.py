@@ -39,6 +39,7 @@ from mobykit.image.cache import (
 )
 from mobykit.image.progress import Progress, silent
 from mobykit.image.reference import Reference
+from mobykit.image.sbom_oci import attestations_in, spdx_layers
 
 if TYPE_CHECKING:
     import requests
@@ -343,7 +344,8 @@ class Registry:
 
     def pull(self, ref: Reference | str, arch: str) -> ImageInfo:
         """Fetch ``ref`` for linux/<arch> into the cache (manifests, config, layers, each checked
-        against its digest), then tag it. The tag is written last: it never names a partial image."""
+        against its digest, and the SPDX attestations an index has for that manifest), then tag it.
+        The tag is written last: it never names a partial image."""
         r = refmod.parse(ref) if isinstance(ref, str) else ref
         top_body, top_type, top = self._manifest(r, r.digest or r.tag or "latest")
         self.cache.write_blob(top_body, expected=top)
@@ -364,8 +366,25 @@ class Registry:
             raise RegistryError(f"{r}: manifest {manifest} is malformed: {e!r}") from None
         for i, (digest, size) in enumerate(todo):
             self._blob(r, digest, size, "config" if i == 0 else f"{r.repository} layer")
+        if top_type in INDEX_TYPES:
+            for attestation in attestations_in(json.loads(top_body), manifest, str(r)):
+                self.fetch_attestation(r, attestation)
         self.cache.tag(r, top)
         return self.cache.image_from_manifest(str(r), top, arch)
+
+    def fetch_attestation(self, ref: Reference | str, digest: str) -> None:
+        """An attestation manifest of ``ref`` (by digest) and its SPDX layers, into the cache: what
+        the build's SBOM merges (``mobykit.image.sbom_oci``). Other attestation layers, such as
+        SLSA provenance, are not fetched."""
+        r = refmod.parse(ref) if isinstance(ref, str) else ref
+        if not self.cache.has_blob(digest):
+            body, mt, _ = self._manifest(r, digest)
+            if mt not in MANIFEST_TYPES:
+                raise RegistryError(f"{r}: attestation {digest} is a {mt}, not a manifest")
+            self.cache.write_blob(body, expected=digest)
+        for layer in spdx_layers(self.cache.read_json(digest)):
+            size = layer.get("size")
+            self._blob(r, check_digest(layer.get("digest"), str(r)), size if isinstance(size, int) else None, "sbom")
 
 
 def ensure(cache: Cache, ref: Reference | str, arch: str, *, pull: bool = False,

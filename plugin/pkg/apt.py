@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mobykit.errors import BuildError
+from mobykit.image import sbom_spdx
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,19 @@ class Package:
     def deb_name(self) -> str:
         """apt-get download's file name (an epoch colon is written %3a)."""
         return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
+
+    @property
+    def purl(self) -> str:
+        """The package URL scanners match Debian advisories on (``pkg:deb/debian/NAME@VERSION?arch=``)."""
+        return sbom_spdx.purl("deb", "debian", self.name, self.version, {"arch": self.arch})
+
+    def spdx(self) -> sbom_spdx.Package:
+        """This exact package as an SBOM states it: name, version, purl and the .deb's sha256. The
+        id is the name and the .deb's digest, so one package is one id in every document."""
+        return sbom_spdx.Package(
+            spdx_id=f"SPDXRef-Package-deb-{sbom_spdx.id_part(self.name)}-{self.sha256[:16]}", name=self.name,
+            version=self.version, purl=self.purl, sha256=self.sha256,
+            source_info=f"unpacked by mobykit pkg build from {self.filename or self.deb_name}")
 
 
 def _stanzas(text: str) -> list[dict[str, str]]:

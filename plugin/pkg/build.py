@@ -5,6 +5,10 @@ directory, the exact Debian package versions and their sha256 from apt's index, 
 builder's format version — and it is known before anything is downloaded. So an unchanged recipe
 is answered from the cache in the time apt-cache takes, and the same inputs always give the same
 tag and (the layer tar being canonical and gzip's header fixed) the same image digest.
+
+The tag names an OCI index of the image and an SPDX attestation listing the Debian packages the
+recipe unpacked (``recipe_sbom``), in BuildKit's shape: ``mobykit build`` reads it as it reads the
+SBOMs of images pulled from registries and merges it into the image's SBOM.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mobykit.errors import BuildError, CacheMiss, ImageError
+from mobykit.image import sbom_oci
 from mobykit.image.cache import OCI_CONFIG, OCI_MANIFEST, Cache
+from mobykit.image.sbom_spdx import DOCUMENT_ID, Document, namespace, spdx_time
 from mobykit.image.tree import Entry, FileContent, Tree, write_tar
 from mobykit.pkg import apt, kernel
 from mobykit.pkg import recipe as recipe_mod
 from mobykit.pkg.trees import deb_tree, dir_tree, filtered, keep_paths, materialize, resolve_link
 
-BUILDER_VERSION = "mobykit-pkg/1"
+# /2: images are an index with an SPDX attestation of the Debian packages (mobykit.image.sbom_oci)
+BUILDER_VERSION = "mobykit-pkg/2"
 LABEL = "org.mobyproject.config"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -39,7 +46,7 @@ _LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib",
 @dataclass
 class PkgResult:
     ref: str  # mobykit/NAME:TAG, as a spec writes it
-    digest: str  # manifest digest
+    digest: str  # the image manifest's digest (the tag names an index of it and its SBOM attestation)
     rebuilt: bool
 
 
@@ -199,6 +206,20 @@ def image_config(r: recipe_mod.Recipe, diff_id: str) -> dict:
     }
 
 
+def recipe_sbom(r: recipe_mod.Recipe, ref: str, pkgs: list[apt.Package], kpkg: apt.Package | None,
+                key: str) -> dict:
+    """The SPDX document of what the recipe unpacked: every Debian package (the kernel's too),
+    described by the document. It becomes the image's attestation, which ``mobykit build`` merges
+    into the SBOM of every image using this one. Its namespace comes from the recipe's input hash
+    and its date is 1970 like the layer's, so the same inputs give the same attestation digest."""
+    doc = Document(name=ref, namespace=namespace(f"mobykit-pkg-{r.name}", key), created=spdx_time(0))
+    for pkg in dict.fromkeys([*pkgs, *([kpkg] if kpkg else [])]):
+        spdx = pkg.spdx()
+        doc.packages.append(spdx.to_json())
+        doc.relate(DOCUMENT_ID, "DESCRIBES", spdx.spdx_id)
+    return doc.to_json()
+
+
 def cached(cache: Cache, ref: str) -> str | None:
     """The manifest digest if ``ref`` is complete in the cache."""
     try:
@@ -213,7 +234,8 @@ def build(recipe_dir: Path | str, *, cache: Cache | None = None, force: bool = F
     r = recipe_mod.load(recipe_dir)
     debs = deb_cache_dir(cache)
     pkgs, kpkg = resolve_packages(r, debs / "resolved.json")
-    tag = input_hash(r, pkgs, kpkg)[:20]
+    key = input_hash(r, pkgs, kpkg)
+    tag = key[:20]
     ref = f"{r.repository}:{tag}"
     if not force and (digest := cached(cache, ref)):
         return PkgResult(ref, digest, rebuilt=False)
@@ -237,7 +259,8 @@ def build(recipe_dir: Path | str, *, cache: Cache | None = None, force: bool = F
             "annotations": {"org.opencontainers.image.ref.name": tag, "org.mobyproject.recipe": r.name},
         })
         digest = cache.write_blob(manifest)
-        cache.tag(ref, digest)
+        # The tag names an index of the image and its SBOM attestation, as BuildKit writes them
+        cache.tag(ref, sbom_oci.attach(cache, digest, ref, recipe_sbom(r, ref, pkgs, kpkg, key), ARCH))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return PkgResult(ref, digest, rebuilt=True)
