@@ -29,9 +29,11 @@ def size_for(files: Mapping[str, Path], slack: int = 2 * MIB) -> int:
 
 
 def make_image(path: Path, files: Mapping[str, Path], *, size: int | None = None, label: str = "EFI",
-               serial: int = 1, mtime: int = 0) -> Path:
+               serial: int = 1, mtime: int = 0, hidden_sectors: int = 0) -> Path:
     """Write a FAT image of ``size`` bytes (default ``size_for(files)``) at ``path`` holding
-    ``files`` (image path -> source file), every entry stamped ``mtime``."""
+    ``files`` (image path -> source file), every entry stamped ``mtime``. ``hidden_sectors`` is
+    the partition's start on its disk, for a partition image (the boot sector records it; boot
+    code that reads the partition through the BIOS, as syslinux's does, may rely on it)."""
     size = size or size_for(files)
     mtime = max(mtime, FAT_EPOCH)
     staging = path.parent / f".{path.name}.files"
@@ -47,11 +49,28 @@ def make_image(path: Path, files: Mapping[str, Path], *, size: int | None = None
         path.unlink(missing_ok=True)
         with open(path, "wb") as f:
             f.truncate(size)
-        tools.run(["mkfs.fat", "--invariant", "-i", f"{serial:08X}", "-n", label[:11].upper(), str(path)],
-                  mtime=mtime)
+        tools.run(["mkfs.fat", "--invariant", "-i", f"{serial:08X}", "-n", label[:11].upper(),
+                   *(["-h", str(hidden_sectors)] if hidden_sectors else []), str(path)], mtime=mtime)
         tops = sorted(staging.iterdir())
         if tops:
             tools.run(["mcopy", "-m", "-s", "-Q", "-i", str(path), *map(str, tops), "::/"], mtime=mtime)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def fat_bits(path: Path) -> int:
+    """12, 16 or 32: the FAT width mkfs.fat chose for the image at ``path`` (for the MBR type byte).
+    Read from the boot sector: FAT32 has no root directory entries (offset 17) and 0 in the
+    16-bit sectors-per-FAT field (offset 22); FAT12 and FAT16 differ by cluster count (< 4085)."""
+    with open(path, "rb") as f:
+        bs = f.read(SECTOR)
+    le = int.from_bytes
+    bytes_per_sector, per_cluster, reserved, fats = le(bs[11:13], "little"), bs[13], le(bs[14:16], "little"), bs[16]
+    root_entries, fat16_size = le(bs[17:19], "little"), le(bs[22:24], "little")
+    if root_entries == 0 and fat16_size == 0:
+        return 32
+    total = le(bs[19:21], "little") or le(bs[32:36], "little")
+    root_sectors = -(-(root_entries * 32) // bytes_per_sector)
+    clusters = (total - reserved - fats * fat16_size - root_sectors) // per_cluster
+    return 12 if clusters < 4085 else 16

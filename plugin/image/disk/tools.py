@@ -40,6 +40,7 @@ FILES = {
     "/usr/lib/grub/x86_64-efi": "grub-efi-amd64-bin",
     "/usr/lib/grub/i386-pc": "grub-pc-bin",
     "/usr/share/OVMF/OVMF_CODE.fd": "ovmf",
+    "/usr/lib/syslinux/": "syslinux-common",  # the rest of syslinux's data (MBR variants, modules)
 }
 
 
