@@ -23,7 +23,7 @@ import pytest
 from harness.images import SPEC, standard_images
 from mobykit.cli.main import main
 from mobykit.errors import InvalidArgument, MissingTool
-from mobykit.image.build import build
+from mobykit.image.build import build, source_date_epoch
 from mobykit.image.cache import Cache
 from mobykit.image.disk import ids, sparse, sparsetar, syslinux, tools, vhd, vmdk
 from mobykit.image.disk.partition import ESP_TYPE, GIB, MIB
@@ -172,7 +172,7 @@ def test_vhd_footer_carries_the_build_time_and_an_id_from_the_image(built):
     size = (out / "example-bios.img").stat().st_size
     footer = data[-512:]
     assert len(data) == size + 512 and footer[:8] == b"conectix"
-    assert struct.unpack(">I", footer[24:28])[0] == 0  # SOURCE_DATE_EPOCH unset: 1970, clamped to VHD's 2000
+    assert struct.unpack(">I", footer[24:28])[0] == max(0, source_date_epoch() - vhd.EPOCH)  # VHD time starts in 2000
     assert footer[68:84] == ids.uuid_for(image_id, f"vhd:{size}").bytes
     assert struct.unpack(">I", footer[64:68])[0] == vhd.checksum(footer)
 
@@ -198,7 +198,7 @@ def test_gcp_passes_the_checks_gce_applies(built, tmp_path):
         assert [m.name for m in members] == ["disk.raw"]
         (m,) = members
         assert m.isfile() and m.issparse() and m.size % GIB == 0 and m.size >= GIB
-        assert (m.mode, m.uid, m.gid, m.uname, m.mtime) == (0o644, 0, 0, "root", 0)
+        assert (m.mode, m.uid, m.gid, m.uname, m.mtime) == (0o644, 0, 0, "root", source_date_epoch())
         tf.extractall(tmp_path / "py", filter="data")
     disk = tmp_path / "py" / "disk.raw"
     assert disk.stat().st_size == m.size
