@@ -304,6 +304,16 @@ def test_data_extents_depend_on_content_not_on_holes(tmp_path):
     assert (tmp_path / "copy").read_bytes() == bytes(content)
 
 
+def test_data_extents_scan_a_block_once_when_hole_edges_are_not_block_aligned(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.truncate(4 * MIB)
+        f.seek(5000)
+        f.write(b"a")
+    monkeypatch.setattr(sparse, "_allocated", lambda fd, size: iter([(0, 5000), (6000, 9000), (3 * MIB, 4 * MIB)]))
+    assert sparse.data_extents(path) == [(4096, 4096)]
+
+
 def test_sparse_tar_with_many_runs_and_a_trailing_hole_reads_back(tmp_path):
     src = tmp_path / "disk.raw"
     with open(src, "wb") as f:  # 30 runs: the header's 4 and two extension blocks

@@ -50,9 +50,12 @@ def data_extents(path: Path, block: int = BLOCK) -> list[tuple[int, int]]:
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
+        scanned = 0
         for start, end in _allocated(f.fileno(), size):
-            pos = start - start % block  # whole blocks, so results do not depend on hole edges
-            end = min(size, -(-end // block) * block)
+            # Whole blocks, so results do not depend on where the file system's holes begin and end;
+            # never a block twice, should two ranges share one.
+            pos = max(start - start % block, scanned)
+            end = scanned = min(size, -(-end // block) * block)
             f.seek(pos)
             while pos < end:
                 chunk = f.read(min(CHUNK, end - pos))
