@@ -36,6 +36,7 @@ from mobykit.image.tree import Entry, FileCache
 
 STAGED_FILE_MODE = 0o644
 STAGED_DIR_MODE = 0o755
+FIRST_WEIGHT = 1 << 29  # xorriso writes higher sort weights first; its boot catalog has 10**9
 
 
 def volume_id(prefix: str, image_id: str) -> str:
@@ -60,6 +61,7 @@ class Staging:
         self.root = root
         self.commands: list[str] = []
         self.left_out: list[str] = []  # device nodes (see the module docstring)
+        self.files = 0
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, STAGED_DIR_MODE)  # not the builder's umask
 
@@ -125,14 +127,24 @@ class Staging:
         except OSError:
             shutil.copyfile(source, target)
         self.commands.append(f"-chmod 0{mode:o} {quote(iso_path)}")
+        self._order(iso_path)
 
     def add_bytes(self, iso_path: str, data: bytes, mode: int = 0o444) -> None:
         target = self._parents(iso_path)
         target.write_bytes(data)
         self.commands.append(f"-chmod 0{mode:o} {quote(iso_path)}")
+        self._order(iso_path)
+
+    def _order(self, iso_path: str) -> None:
+        """Write file contents in the order they were staged: by default libisofs orders them by
+        the staging copy's inode numbers, which differ from build to build."""
+        self.files += 1
+        self.commands.append(f"-find {quote(iso_path)} -exec sort_weight {FIRST_WEIGHT - self.files} --")
 
     def _metadata(self, iso_path: str, entry: Entry) -> None:
         q = quote(iso_path)
+        if entry.type in ("file", "hardlink"):
+            self._order(iso_path)
         if entry.uid:
             self.commands.append(f"-chown {entry.uid} {q}")
         if entry.gid:
@@ -158,9 +170,10 @@ def write_iso(out: Path, staging: Staging, *, volid: str, mtime: int, mkisofs: S
         tools.run(["xorriso", "-no_rc", "-report_about", "SORRY", "-abort_on", "FAILURE",
                    "-iso_rr_pattern", "off", "-disk_pattern", "off", "-backslash_codes", "in_double_quotes",
                    "-hardlinks", "off", "-acl", "off", "-xattr", "off",
-                   "-as", "mkisofs", "-o", str(out), "-V", volid, "-R", "-l", *mkisofs, str(staging.root), "--",
-                   "-options_from_file", str(commands), *native,
-                   "-volume_date", "uuid", uuid, "-volume_date", "all_file_dates", f"={when}"], mtime=when)
+                   "-as", "mkisofs", "-o", str(out.resolve()), "-V", volid, "-R", "-l", *mkisofs, ".", "--",
+                   "-options_from_file", str(commands.resolve()), *native,
+                   "-volume_date", "uuid", uuid, "-volume_date", "all_file_dates", f"={when}"],
+                  mtime=when, cwd=staging.root)  # relative paths (-hide, -e, -b) mean the same in every build
     finally:
         commands.unlink(missing_ok=True)
     return out

@@ -54,10 +54,10 @@ def _write_efi_iso(ctx: OutputContext, staging: Staging, out: Path, cmdline: str
     staging.add_file(f"/{EFI_IMAGE}", _efi_image(ctx, staging.root.parent, cmdline, marker))
     guid = ids.uuid_for(ctx.image_id, f"{fmt}-gpt").hex
     write_iso(out, staging, volid=volume_id("MOBYKIT", ctx.image_id), mtime=ctx.mtime,
-              mkisofs=["-e", EFI_IMAGE, "-no-emul-boot", "-c", CATALOG, "-hide", EFI_IMAGE, "-hide", CATALOG,
+              mkisofs=["-e", EFI_IMAGE, "-no-emul-boot", "-c", CATALOG, "-hide", EFI_IMAGE,
                        # the EFI image is also a GPT partition, so the ISO boots from a disk too
                        "-efi-boot-part", "--efi-boot-image"],
-              native=["-boot_image", "any", f"gpt_disk_guid={guid}"])
+              native=["-boot_image", "any", "cat_hidden=on", "-boot_image", "any", f"gpt_disk_guid={guid}"])
 
 
 def _staged_output(ctx: OutputContext, filename: str, fill) -> list[Path]:
