@@ -88,6 +88,8 @@ class LibvirtProvider:
         self.domain_type: str | None = config.get("DomainType")
         self.machine: str = config.get("Machine") or "pc"
         self._conns: dict[str, Connection] = {}
+        # Its own lock: a listing must never wait behind an image upload, which holds ``_lock``.
+        self._conns_lock = threading.Lock()
         self._lock = threading.RLock()
         self._storage = Storage(self.pool_name, self.pool_path, self._lock)
         # test:///default cannot upload: published images are referenced by their paths there.
@@ -99,7 +101,7 @@ class LibvirtProvider:
         """The open connection to ``uri`` (default: the configured one), reopened when it died."""
         lv = libvirt()
         uri = uri or self.uri
-        with self._lock:
+        with self._conns_lock:
             current = self._conns.get(uri)
             if current is not None and current.conn.isAlive():
                 return current
@@ -125,13 +127,13 @@ class LibvirtProvider:
         return self._connection(uri).cache
 
     def close(self) -> None:
-        with self._lock:
+        with self._conns_lock:
             for connection in self._conns.values():
                 connection.close()
             self._conns.clear()
 
     def _uris(self) -> list[str]:
-        with self._lock:
+        with self._conns_lock:
             return [self.uri] + [u for u in self._conns if u != self.uri]
 
     def _domain_type(self, conn: Any) -> str:
