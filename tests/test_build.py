@@ -237,3 +237,16 @@ def test_initrd_from_the_held_tree_equals_one_from_the_canonical_tar(project, ca
     outputs.FORMATS["kernel+initrd"](ctx)
     for suffix in ("-kernel", "-initrd.img", "-cmdline"):
         assert (again / f"example{suffix}").read_bytes() == (out / f"example{suffix}").read_bytes(), suffix
+
+
+def test_the_same_spec_built_from_another_directory_is_the_same_image(project, cache, tmp_path):
+    """A checkout in another place (another user, CI) must give the same image id: nothing in the
+    image may depend on where the spec and its local files are."""
+    import shutil
+
+    other = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(project, other)
+    a = build([project / "example.yml"], formats=["tar"], outdir=tmp_path / "a", cache=cache)
+    b = build([other / "example.yml"], formats=["tar"], outdir=tmp_path / "b", cache=cache)
+    assert a.image_id == b.image_id
+    assert (tmp_path / "a" / "example.spdx.json").read_bytes() == (tmp_path / "b" / "example.spdx.json").read_bytes()

@@ -191,8 +191,11 @@ def build(
         from mobykit.image.outputs import OutputContext
         from mobykit.image.tree import write_tar
 
-        # The SBOM's namespace comes from the key without --size: the tree does not depend on it.
-        sbom = ImageSbom(cache, images, arch, seed=input_key(spec, images, locals_, arch, mtime, None, attestations),
+        # The SBOM's namespace comes from the key without --size (the tree does not depend on it)
+        # and with local files by content only: their absolute paths must not make the same spec
+        # built from another directory a different image.
+        by_content = {str(i): digest for i, digest in enumerate(locals_.values())}
+        sbom = ImageSbom(cache, images, arch, seed=input_key(spec, images, by_content, arch, mtime, None, attestations),
                          mtime=mtime, fetch=registry.fetch_attestation)
         tree = assemble(spec, images, cache, work, progress=progress, sbom=sbom)
         tar_path = staging / ".canonical.tar"  # the tar format links it as NAME.tar
