@@ -20,12 +20,16 @@ def config(cmdline: str, *, marker: str, kernel: str = "/boot/kernel", initrd: s
            root_arg: str = "") -> str:
     """The embedded grub config: serial console, no menu, boot ``kernel`` with ``cmdline``."""
     args = " ".join(a for a in (cmdline.strip(), root_arg) if a)
+    # One single-quoted word: GRUB would otherwise expand $, split on ; and strip the quotes the
+    # kernel itself parses (foo="a b"); `linux` joins its words with spaces, so the kernel gets the
+    # spec's command line exactly.
+    quoted = "'" + args.replace("'", "'\\''") + "'" if args else ""
     return "\n".join([
         "serial --unit=0 --speed=115200",
         "terminal_input console serial",
         "terminal_output console serial",
         f"search --no-floppy --file --set=root {marker}",
-        f"linux {kernel} {args}".rstrip(),
+        f"linux {kernel} {quoted}".rstrip(),
         f"initrd {initrd}",
         "boot",
         "",
