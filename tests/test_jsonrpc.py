@@ -111,3 +111,30 @@ def test_a_live_socket_is_not_stolen():
     with jsonrpc_server(golden_plugins()) as server:
         with pytest.raises(InvalidArgument, match="another server"):
             JsonRpcServer(golden_plugins(), server.path)
+
+
+def test_many_clients_connecting_at_once_are_all_served():
+    """A polling controller per group, Prometheus and the CLI connect together: none is refused
+    (the listen backlog was 5, and the 7th simultaneous connect failed at once with EAGAIN)."""
+    import threading
+
+    from harness.mobykit_server import jsonrpc_server, memory_plugins, post_raw
+
+    body = json.dumps({"jsonrpc": "2.0", "method": "Handshake.Implements", "params": {}, "id": 1}).encode()
+    with jsonrpc_server(memory_plugins()) as js:
+        start = threading.Barrier(64)
+        results: list[object] = []
+
+        def client():
+            start.wait()
+            try:
+                results.append(post_raw(js.path, body)[0])
+            except OSError as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=client) for _ in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert results == [200] * 64

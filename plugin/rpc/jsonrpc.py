@@ -573,6 +573,9 @@ def _request_path(target: str) -> str:
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True  # idle keep-alive connections must not hold the process open
     allow_reuse_address = False
+    # listen(2)'s backlog: socketserver's default of 5 made the 7th client connecting at the same
+    # moment fail at once with EAGAIN (a polling controller per group, Prometheus and the CLI).
+    request_queue_size = 128
 
     def handle_error(self, request, client_address) -> None:
         """A connection's thread failed outside a call (socketserver would print a traceback to
