@@ -8,9 +8,12 @@ EC2 tags, GCE labels) so that ``list`` needs nothing but the provider's API.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
+
+from mobykit.errors import FailedPrecondition
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,15 @@ class BootImage:
     initrd: Path
     cmdline: str
     disk: Path | None = None  # a raw/qcow2 disk, for providers that cannot boot kernel+initrd
+    # ``files("aws")`` -> the files of that output format of this image, made on first use from the
+    # canonical tar (``mobykit.image.store.format_files``); ``size=`` bytes for disk formats.
+    files: Callable[..., list[Path]] | None = field(default=None, compare=False, repr=False)
+
+    def format(self, name: str, size: int | None = None) -> list[Path]:
+        """The files of output format ``name`` (e.g. ``qcow2-bios``, ``aws``, ``gcp``)."""
+        if self.files is None:
+            raise FailedPrecondition(f"image {self.id}: no image store to make the {name} format from")
+        return self.files(name, size=size)
 
 
 @dataclass

@@ -410,3 +410,32 @@ def test_health_does_not_need_the_spec_file_any_more(tmp_path):
     probe = _StaticProbe(f"mobykit: ready {IMAGE_A}\n")
     inst = Description(id="x-1", tags={IMAGE_TAG: IMAGE_A})
     assert MobyFlavor({}, instances=probe, clock=Clock()).healthy("", {"Image": gone}, inst) == Health.HEALTHY
+
+
+def test_store_makes_other_formats_from_the_stored_canonical_tar_once(tmp_path):
+    """A provider that boots a disk asks the stored image for that format: made on first use from
+    the canonical tar, the same bytes ``mobykit build -f`` writes, and kept."""
+    import shutil
+
+    from harness.images import SPEC, standard_images
+    from mobykit.image import store
+    from mobykit.image.build import build
+    from mobykit.image.cache import Cache
+
+    cache = Cache(tmp_path / "cache")
+    standard_images(cache)
+    (tmp_path / "example.yml").write_text(SPEC)
+    (tmp_path / "app.json").write_text('{"app": true}\n')
+    image = store.build_and_store(str(tmp_path / "example.yml"), cache=cache)
+    files = image.format("tar-kernel-initrd")
+    assert [p.name for p in files] == ["image-initrd.tar"]
+    again = store.get(image.id, cache).format("tar-kernel-initrd")
+    assert again == files and again[0].stat().st_ino == files[0].stat().st_ino  # made once, kept
+    out = build([tmp_path / "example.yml"], formats=["tar-kernel-initrd"], outdir=tmp_path / "out", name="image",
+                cache=cache)
+    assert out.image_id == image.id
+    assert (tmp_path / "out" / "image-initrd.tar").read_bytes() == files[0].read_bytes()
+    with pytest.raises(InvalidArgument, match="unknown output format"):
+        image.format("floppy")
+    shutil.rmtree(tmp_path / "cache" / "images" / image.id[7:] / "formats")
+    assert image.format("tar-kernel-initrd")[0].read_bytes() == files[0].read_bytes()

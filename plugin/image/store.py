@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,24 +73,77 @@ def build_and_store(spec, *, cache: Cache | None = None, pull: bool = False, pro
 
     cache = _cache(cache)
     sources = spec_sources(spec, field)
-    result = build(sources, formats=["kernel+initrd"], outdir=cache.root / "builds" / build_key(sources),
+    from mobykit.image.build import source_date_epoch
+
+    result = build(sources, formats=["kernel+initrd", "tar"], outdir=cache.root / "builds" / build_key(sources),
                    name="image", cache=cache, pull=pull, progress=progress)
     where = cache.root / "images" / _hex(result.image_id)
+    where.mkdir(parents=True, exist_ok=True)
+    if not (where / "image.tar").exists():
+        _link(result.path(".tar"), where / "image.tar")  # every other format is made from it, on demand
     if not (where / "image.json").exists():
-        where.mkdir(parents=True, exist_ok=True)
         for src, dst in (("-kernel", "kernel"), ("-initrd.img", "initrd.img"), ("-cmdline", "cmdline")):
-            target = where / dst
-            target.unlink(missing_ok=True)
-            try:
-                os.link(result.path(src), target)
-            except OSError:
-                target.write_bytes(result.path(src).read_bytes())
+            _link(result.path(src), where / dst)
         first = sources[0]
         meta = {"id": result.image_id, "name": Path(first.path).stem if first.path else "inline",
-                "inputs": result.inputs}
+                "inputs": result.inputs, "mtime": source_date_epoch()}
         (where / "image.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(where / "image.json.tmp", where / "image.json")
     return get(result.image_id, cache)
+
+
+def _link(src: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, target)
+
+
+def format_files(image_id: str, fmt: str, cache: Cache | None = None, *, size: int | None = None) -> list[Path]:
+    """The files of output format ``fmt`` (e.g. ``qcow2-bios``, ``aws``, ``gcp``) of a stored image,
+    made from its canonical tar the first time a provider asks and kept beside it.
+
+    Why on demand: which disk format an image needs depends on where it boots (a libvirt disk boot,
+    an AMI, a GCE image), known only when an instance is provisioned; every format is a function of
+    the canonical tar alone (LinuxKit's pipeline), so it is made then, once per image, format and
+    size, with the build's own timestamp so it is the same bytes ``mobykit build -f`` writes."""
+    import fcntl
+    import tempfile
+
+    from mobykit.image.outputs import FORMATS, OutputContext
+
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"unknown output format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
+    root = _cache(cache).root / "images" / _hex(image_id)
+    tar = root / "image.tar"
+    if not tar.exists():
+        raise NotFound(f"image {image_id} has no canonical tar here (built by an older mobykit): build it again")
+    final = root / "formats" / (fmt if size is None else f"{fmt}-{size}")
+    listing = final / "files.json"
+    if listing.exists():
+        return [final / n for n in json.loads(listing.read_text())]
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(root / "formats" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one maker per image: other servers and threads wait for it
+        if listing.exists():
+            return [final / n for n in json.loads(listing.read_text())]
+        meta = json.loads((root / "image.json").read_text())
+        staging = Path(tempfile.mkdtemp(prefix=f".{fmt}-", dir=final.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{fmt}-work-", dir=final.parent))
+        try:
+            ctx = OutputContext(name="image", outdir=staging, tar_path=tar, image_id=image_id,
+                                mtime=int(meta.get("mtime", 0)), size=size, workdir=work)
+            made = FORMATS[fmt](ctx)
+            (staging / "files.json").write_text(json.dumps(sorted(p.name for p in made)))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+    return [final / n for n in json.loads(listing.read_text())]
 
 
 def get(image_id: str, cache: Cache | None = None) -> BootImage:
@@ -99,8 +153,11 @@ def get(image_id: str, cache: Cache | None = None) -> BootImage:
         cmdline = (where / "cmdline").read_text().strip()
     except FileNotFoundError:
         raise NotFound(f"image {image_id} is not built here (build it with `mobykit build` or the moby flavor)") from None
+    import functools
+
     return BootImage(id=meta["id"], name=meta.get("name", "image"), kernel=where / "kernel",
-                     initrd=where / "initrd.img", cmdline=cmdline)
+                     initrd=where / "initrd.img", cmdline=cmdline,
+                     files=functools.partial(format_files, meta["id"], cache=cache))
 
 
 def list_images(cache: Cache | None = None) -> list[BootImage]:
