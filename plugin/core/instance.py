@@ -27,6 +27,7 @@ log = logging.getLogger("mobykit.core")
 
 PROVIDER_KEY = "Provider"
 IMAGE_KEY = "Image"
+NAMESPACE_KEY = "NamespaceTags"
 DEFAULT_PROVIDER = "libvirt"
 
 
@@ -61,8 +62,10 @@ class InstanceCore:
                 return self._providers[name]
             if name not in provider_registry.NAMES:
                 raise InvalidArgument(f"unknown provider {name!r} (known: {', '.join(self.known_names())})")
+            settings = configuration.provider_settings(self.config, name)
+            settings.pop(NAMESPACE_KEY, None)  # kept by the core (below), not the provider's business
             try:
-                p = provider_registry.load(name, configuration.provider_settings(self.config, name))
+                p = provider_registry.load(name, settings)
             except ImportError as e:
                 # The provider's module or its SDK is not installed on this server.
                 raise Unavailable(f"provider {name!r} is not available on this server: {e}") from None
@@ -82,6 +85,14 @@ class InstanceCore:
     def validate(self, type: str, properties: Any) -> None:
         self._validated(type, properties)
 
+    def namespace(self, name: str) -> dict[str, str]:
+        """The provider's ``NamespaceTags`` (config): put on every instance it makes and required of
+        every instance it lists, so two deployments sharing one account never see each other's."""
+        tags = configuration.provider_settings(self.config, name).get(NAMESPACE_KEY) or {}
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise InvalidArgument(f"config: providers.{name}.{NAMESPACE_KEY}: must be a mapping of strings")
+        return dict(tags)
+
     def _validated(self, type: str, properties: Any) -> tuple[Any, dict[str, Any]]:
         if properties is None:
             properties = {}
@@ -100,9 +111,11 @@ class InstanceCore:
         if not isinstance(spec.init, str):
             raise InvalidArgument("Spec.Init: must be a string")
         provider, props = self._validated(type, spec.properties)
+        namespace = self.namespace(self._name(type, spec.properties))
         self._publish_image(provider, props)
         machine = provider.create(
-            MachineSpec(properties=props, tags=dict(spec.tags), user_data=spec.init, logical_id=spec.logical_id)
+            MachineSpec(properties=props, tags={**spec.tags, **namespace}, user_data=spec.init,
+                        logical_id=spec.logical_id)
         )
         log.info("provisioned %s on %s", machine.id, getattr(provider, "name", "?"))
         return machine.id
@@ -111,21 +124,27 @@ class InstanceCore:
         if not instance:
             raise InvalidArgument("Instance: an instance id is required")
         _check_str_map(labels, "Labels")
-        provider = self.provider(self._name(type))
+        name = self._name(type)
+        provider = self.provider(name)
         with self._lock:
             lock = self._label_locks.setdefault(instance, threading.Lock())
         with lock:
-            current = self._find(provider, instance)
+            current = self._find(provider, instance, self.namespace(name))
             if current is None:
                 raise NotFound(f"instance {instance!r} not found")
             merged = dict(current.tags)
             merged.update(labels)
+            merged.update(self.namespace(name))  # a label cannot move an instance out of its namespace
             provider.set_tags(instance, merged)
 
     def destroy(self, type: str, instance: str, reason: DestroyReason = DestroyReason.TERMINATE) -> None:
         if not instance:
             raise InvalidArgument("Instance: an instance id is required")
-        provider = self.provider(self._name(type))
+        name = self._name(type)
+        provider = self.provider(name)
+        namespace = self.namespace(name)
+        if namespace and self._find(provider, instance, namespace) is None:
+            return  # not ours (another deployment's, or gone): destroying it "succeeds", touching nothing
         try:
             provider.destroy(instance)
         except NotFound:
@@ -136,7 +155,7 @@ class InstanceCore:
         _check_str_map(tags, "Tags")
         name = self._name(type)
         provider = self.provider(name)
-        wanted = dict(tags)
+        wanted = {**tags, **self.namespace(name)}
         # The shared result is read-only: each caller builds its own Descriptions from it.
         key = (name, tuple(sorted(wanted.items())))
         machines = self.listings.do(key, lambda: provider.list(dict(wanted)))
@@ -155,9 +174,10 @@ class InstanceCore:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _find(self, provider, instance: str):
-        for m in provider.list({}):
-            if m.id == instance and m.state != "terminated":
+    def _find(self, provider, instance: str, namespace: dict[str, str] | None = None):
+        namespace = namespace or {}
+        for m in provider.list(dict(namespace)):
+            if m.id == instance and m.state != "terminated" and namespace.items() <= m.tags.items():
                 return m
         return None
 
