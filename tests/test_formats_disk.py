@@ -165,7 +165,7 @@ def test_raw_efi_is_a_gpt_disk_with_an_esp_booting_grub(built):
     assert _mtype(disk, f"boot/mobykit-{ids.short_hex(image_id)}").decode() == image_id + "\n"
     assert _mtype(disk, "boot/kernel") == b"\xfaKERNEL" * 4096
     loader = _mtype(disk, "EFI/BOOT/BOOTX64.EFI")
-    assert b"linux /boot/kernel console=ttyS0\n" in loader  # the embedded config, cmdline unchanged
+    assert b"linux /boot/kernel 'console=ttyS0'\n" in loader  # the embedded config, cmdline unchanged
 
 
 def test_converted_formats_read_back_with_qemu_img_as_the_raw_disk(built):

@@ -166,7 +166,7 @@ def test_iso_efi_adds_root_for_the_cdrom_and_boots_the_root_loader(harness_tar, 
     cfg = _efi_config(iso, tmp_path / "boot-images")
     marker = f"/boot/mobykit-{image_id[7:19]}-efi"
     assert f"search --no-floppy --file --set=root {marker}" in cfg
-    assert "linux /boot/kernel console=ttyS0 root=/dev/sr0\n" in cfg  # LinuxKit's rule: root= added
+    assert "linux /boot/kernel 'console=ttyS0 root=/dev/sr0'\n" in cfg  # LinuxKit's rule: root= added
     assert "initrd /boot/initrd.img" in cfg
     names = _listing(iso)
     assert marker in names and "/init" in names and "/etc/mobykit/image-id" in names  # the root is the ISO
@@ -183,14 +183,14 @@ def test_iso_efi_keeps_a_spec_root_argument(tmp_path):
     tree.add_bytes("boot/cmdline", b"console=ttyS0 root=/dev/sr1")
     tar, image_id = _tar(tree, tmp_path / "c.tar")
     iso = FORMATS["iso-efi"](_ctx(tar, image_id, tmp_path))[0]
-    assert "linux /boot/kernel console=ttyS0 root=/dev/sr1\n" in _efi_config(iso, tmp_path / "b")
+    assert "linux /boot/kernel 'console=ttyS0 root=/dev/sr1'\n" in _efi_config(iso, tmp_path / "b")
 
 
 def test_iso_efi_initrd_boots_the_whole_initrd_with_the_cmdline_unchanged(harness_tar, tmp_path):
     tar, image_id = harness_tar
     iso = FORMATS["iso-efi-initrd"](_ctx(tar, image_id, tmp_path))[0]
     cfg = _efi_config(iso, tmp_path / "boot-images")
-    assert "linux /boot/kernel console=ttyS0\n" in cfg
+    assert "linux /boot/kernel 'console=ttyS0'\n" in cfg
     assert f"/boot/mobykit-{image_id[7:19]}-efi-initrd" in cfg
     assert "/init" not in _listing(iso)  # the root file system is in the initrd, not on the ISO
     initrd = gzip.decompress(_extract(iso, "/boot/initrd.img", tmp_path / "initrd.img"))
