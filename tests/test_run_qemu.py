@@ -1,15 +1,19 @@
 """mobykit run qemu: exit codes of --until-ready, --data through a cidata ISO, --publish on
 127.0.0.1, --console-log, and qemu/temp files cleaned up. VMs boot a tiny busybox initrd
-(tests/harness/tinyvm.py) under TCG."""
+(tests/harness/tinyvm.py) under TCG. Which output format boots how (CD-ROM, snapshot disk, OVMF,
+unpacked archives) is checked here without a VM; tests/test_boot_formats.py boots every one."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from harness.tinyvm import build_tinyvm, set_mode
-from mobykit.errors import InvalidArgument, NotFound
+from mobykit.errors import InvalidArgument, MissingTool, NotFound
 from mobykit.image.cache import Cache
-from mobykit.run import qemu
+from mobykit.run import firmware, media, qemu, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 DEBS = ROOT / ".cache" / "debs"
@@ -76,6 +80,125 @@ def test_missing_build_is_named(tmp_path: Path) -> None:
         qemu.find_boot_files(tmp_path / "nothing")
     r = _cli(str(tmp_path / "nothing"), "--until-ready")
     assert r.returncode == 1 and "nothing-kernel" in r.stderr
+
+
+# --- formats (no VM) -------------------------------------------------------------------------
+
+def _touch(prefix: Path, *suffixes: str) -> None:
+    for suffix in suffixes:
+        Path(f"{prefix}{suffix}").write_bytes(b"x")
+
+
+def test_find_prefers_kernel_initrd_and_follows_name_json(tmp_path: Path) -> None:
+    x = tmp_path / "x"
+    _touch(x, "-kernel", "-initrd.img", ".iso", ".vhd")
+    assert media.find(x).format == "kernel+initrd"  # no NAME.json: the files, quickest boot first
+    (tmp_path / "x.json").write_text(json.dumps({"formats": ["tar", "dynamic-vhd"]}))
+    assert media.find(x).format == "dynamic-vhd"  # NAME.json says which of vhd/dynamic-vhd NAME.vhd is
+    assert media.find(x, "iso-bios").format == "iso-bios"  # a named format needs only its files
+    (tmp_path / "x.json").write_text(json.dumps({"formats": ["tar"]}))
+    with pytest.raises(NotFound, match="lists no bootable format: tar"):
+        media.find(x)
+    (tmp_path / "x.json").unlink()
+    for f in tmp_path.iterdir():
+        f.unlink()
+    _touch(x, "-kernel", "-squashfs-initrd.img", "-squashfs.img")
+    assert media.find(x).format == "kernel+squashfs"
+
+
+def test_every_bootable_format_has_a_layout() -> None:
+    from mobykit.image.outputs import FORMATS
+
+    assert set(FORMATS) - set(media.NOT_BOOTABLE) == set(media.LAYOUTS)
+
+
+@pytest.mark.parametrize("fmt, needle", [("docker", "not bootable"), ("tar", "not bootable"),
+                                         ("nope", "unknown"), ("iso-efi", "x-efi.iso")])
+def test_an_unbootable_unknown_or_missing_format_exits_2(tmp_path: Path, fmt: str, needle: str) -> None:
+    _touch(tmp_path / "x", "-kernel", "-initrd.img", ".tar")
+    r = _cli(str(tmp_path / "x"), "-f", fmt, "--until-ready")
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+
+
+def test_isos_are_read_only_cdroms_and_disks_snapshots(tmp_path: Path) -> None:
+    _touch(tmp_path / "x", ".iso", ".vmdk")
+    iso = media.find(tmp_path / "x", "iso-bios").prepare(tmp_path)
+    cmd = qemu.qemu_command(iso, qemu.RunOptions(), accel="tcg", iso=None, attached=False)
+    assert "-kernel" not in cmd and "-append" not in cmd
+    assert f"file={tmp_path}/x.iso,if=none,id=boot,format=raw,media=cdrom,readonly=on" in cmd
+    assert "ide-cd,drive=boot,bootindex=0" in cmd
+    disk = media.find(tmp_path / "x", "vmdk").prepare(tmp_path)
+    args = qemu.boot_args(disk)
+    assert args[args.index("-drive") + 1] == f"file={tmp_path}/x.vmdk,if=none,id=boot,format=vmdk,snapshot=on"
+    odd = qemu.boot_args(media.BootMedia(format="raw-bios", disk=Path("/a,b/c.img")))
+    assert odd[1].startswith("file=/a,,b/c.img,")  # qemu's escape for a comma in a file name
+
+
+def test_kernel_squashfs_boots_the_kernel_with_its_root_disk(tmp_path: Path) -> None:
+    x = tmp_path / "x"
+    _touch(x, "-kernel", "-squashfs-initrd.img", "-squashfs.img")
+    (tmp_path / "x-cmdline").write_text("console=ttyS0 quiet\n")
+    args = qemu.boot_args(media.find(x).prepare(tmp_path))
+    assert args[:6] == ["-kernel", f"{x}-kernel", "-initrd", f"{x}-squashfs-initrd.img", "-append",
+                        "console=ttyS0 quiet panic=-1"]
+    assert "virtio-blk-pci,drive=boot" in args  # no bootindex: qemu boots the kernel itself
+
+
+def test_efi_gets_read_only_ovmf_code_and_a_private_copy_of_the_variables(tmp_path: Path) -> None:
+    fake = tmp_path / "ovmf"
+    fake.mkdir()
+    (fake / "OVMF_CODE.fd").write_bytes(b"code")
+    (fake / "OVMF_VARS.fd").write_bytes(b"vars")
+    scratch = tmp_path / "run"
+    scratch.mkdir()
+    args = firmware.qemu_args("efi", scratch, ovmf_dir=fake)
+    assert args == ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={fake}/OVMF_CODE.fd",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={scratch}/OVMF_VARS.fd"]
+    assert (scratch / "OVMF_VARS.fd").read_bytes() == b"vars"
+    assert firmware.qemu_args("bios", scratch) == []
+    with pytest.raises(InvalidArgument, match="firmware 'uefi'"):
+        firmware.qemu_args("uefi", scratch)
+    with pytest.raises(MissingTool, match="apt-get install ovmf") as e:
+        firmware.find_ovmf(tmp_path / "none")
+    assert e.value.exit_code == 2
+
+
+def _tar(path: Path, members: dict[str, bytes], mode: str = "w") -> None:
+    with tarfile.open(path, mode) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_tar_kernel_initrd_is_unpacked_with_the_microcode_first(tmp_path: Path) -> None:
+    _tar(tmp_path / "x-initrd.tar", {"kernel": b"K", "initrd.img": b"INITRD", "cmdline": b"console=ttyS0\n",
+                                     "ucode.cpio": b"UCODE"})
+    boot = media.find(tmp_path / "x").prepare(tmp_path)
+    assert boot.format == "tar-kernel-initrd"
+    assert boot.kernel.read_bytes() == b"K" and boot.initrd.read_bytes() == b"UCODEINITRD"
+    assert boot.cmdline == "console=ttyS0" and boot.kernel.parent == tmp_path
+    _tar(tmp_path / "y-initrd.tar", {"kernel": b"K"})
+    with pytest.raises(InvalidArgument, match="no initrd.img member"):
+        media.find(tmp_path / "y").prepare(tmp_path)
+
+
+def test_gcp_disk_is_unpacked_with_its_zeros_as_holes(tmp_path: Path) -> None:
+    disk = b"MBR" + bytes(8 << 20) + b"END"  # stored as plain bytes: the holes are ours
+    _tar(tmp_path / "x.img.tar.gz", {"./disk.raw": disk}, "w:gz")
+    boot = media.find(tmp_path / "x").prepare(tmp_path)
+    assert boot.disk == tmp_path / "disk.raw" and boot.disk_format == "raw" and boot.firmware == "bios"
+    assert boot.disk.read_bytes() == disk
+    assert boot.disk.stat().st_blocks * 512 <= 2 * unpack.CHUNK + 4096
+    _tar(tmp_path / "y.img.tar.gz", {"other.raw": b"x"}, "w:gz")
+    with pytest.raises(InvalidArgument, match="no disk.raw member"):
+        media.find(tmp_path / "y").prepare(tmp_path)
+
+
+def test_efi_formats_boot_with_ovmf(tmp_path: Path) -> None:
+    assert [f for f, lay in media.LAYOUTS.items() if lay.firmware == "efi"] == ["iso-efi", "iso-efi-initrd",
+                                                                                 "raw-efi", "qcow2-efi"]
 
 
 # --- VMs -----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``mobykit run qemu NAME``: boot a kernel+initrd build locally (LinuxKit's ``linuxkit run qemu``).
+"""``mobykit run qemu NAME``: boot a build locally (LinuxKit's ``linuxkit run qemu``): any bootable
+output format, the first NAME has unless ``--format`` names one (``mobykit.run.media``).
 
 With ``--until-ready`` it is a boot check for scripts and CI: exit 0 when the init prints its
 readiness line, non-zero with the console tail when it reports "not ready" or the timeout passes.
@@ -25,7 +26,7 @@ def _qemu(args) -> int:
     import signal
 
     from mobykit.errors import InvalidArgument
-    from mobykit.run import qemu
+    from mobykit.run import media, qemu
 
     signal.signal(signal.SIGTERM, _terminate)
 
@@ -46,10 +47,12 @@ def _qemu(args) -> int:
         console_log=Path(args.console_log) if args.console_log else None,
         publish=list(args.publish or []), timeout=args.timeout, until_ready=args.until_ready,
     )  # fmt: skip
+    output = media.find(args.name, args.format)  # before any VM: a missing or unbootable format exits 2
     if not args.until_ready and not args.console_log and sys.stdin.isatty():
         # interactive: qemu owns the terminal (Ctrl-A X quits)
-        return qemu.run_attached(qemu.find_boot_files(args.name), opts)
-    out = qemu.run(args.name, opts, echo=None if args.until_ready else sys.stdout.buffer)
+        return qemu.run_attached(output, opts)
+    with qemu.QemuVM(output, opts, echo=None if args.until_ready else sys.stdout.buffer) as vm:
+        out = vm.wait(opts.timeout, until_ready=opts.until_ready)
     if out.reason == "ready":
         print(f"mobykit: {args.name}: ready {out.image_id}")
         return 0
@@ -64,8 +67,12 @@ def _qemu(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="boot a built image locally")
     sub = p.add_subparsers(dest="run_command", metavar="BACKEND")
-    q = sub.add_parser("qemu", help="boot NAME-kernel + NAME-initrd.img in qemu")
-    q.add_argument("name", metavar="NAME", help="build prefix, e.g. out/minimal (files NAME-kernel, NAME-initrd.img, NAME-cmdline)")
+    q = sub.add_parser("qemu", help="boot a build (any bootable output format) in qemu")
+    q.add_argument("name", metavar="NAME", help="build prefix, e.g. out/minimal (files NAME-kernel, NAME.iso, NAME.qcow2, ...)")
+    q.add_argument("-f", "--format", metavar="FORMAT",
+                   help="the output format to boot (default: the first bootable one NAME.json lists, "
+                        "kernel+initrd first); ISOs boot as a CD-ROM, disks read-only (snapshot), "
+                        "-efi formats with OVMF")
     q.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1; more is slower under TCG)")
     q.add_argument("--mem", default="512M", help="memory, e.g. 512M or 1G (default 512M)")
     q.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="default auto: KVM only if a probe boot works")

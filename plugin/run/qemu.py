@@ -1,12 +1,17 @@
-"""Boot a kernel+initrd build in qemu on this machine: the fastest way to see an image run.
+"""Boot a build in qemu on this machine: the fastest way to see an image run.
 
-Why these qemu settings: ``-M pc`` (microvm hangs now and then under TCG), ``-no-reboot`` with
-``panic=-1`` so a guest panic ends qemu instead of looping, the serial console on our stdio so the
-init's readiness line (``mobykit: ready sha256:...``) can be watched, user-mode networking with
-host forwards bound to 127.0.0.1 only (nothing is exposed beyond this host), and the NoCloud
-ISO on a virtio-scsi CD-ROM (its drivers are in the kernel image's module list).
+Any bootable output format boots (``mobykit.run.media``: kernel+initrd directly, ISOs as a
+CD-ROM, disks on virtio-blk with ``snapshot=on`` so the build output is never written, each with
+its format's firmware: ``mobykit.run.firmware``). Why these qemu settings: ``-M pc`` (microvm
+hangs now and then under TCG), ``-no-reboot`` with ``panic=-1`` so a guest panic ends qemu
+instead of looping (a kernel boot's command line gets both unless it has its own), the serial
+console on our stdio so the init's readiness line (``mobykit: ready sha256:...``) can be
+watched, user-mode networking with host forwards bound to 127.0.0.1 only (nothing is exposed
+beyond this host), and the NoCloud ISO on a virtio-scsi CD-ROM (its drivers are in the kernel
+image's module list).
 
-qemu is always stopped by its PID and every temp file (the cidata ISO) is removed, whatever happens.
+qemu is always stopped by its PID and every temp file (the cidata ISO, OVMF's variable store,
+unpacked archives) is removed, whatever happens.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobykit.errors import BuildError, InvalidArgument, NotFound
+from mobykit.run import firmware, media
+from mobykit.run.media import BootMedia, Output
 
 QEMU = "qemu-system-x86_64"
 READY = re.compile(r"mobykit: ready (sha256:\S+)")
@@ -31,12 +38,7 @@ EXIT_NOT_READY = 1
 EXIT_TIMEOUT = 124
 _MEM = re.compile(r"^\d+[MG]?$")
 
-
-@dataclass(frozen=True)
-class BootFiles:
-    kernel: Path
-    initrd: Path
-    cmdline: str
+BootFiles = BootMedia  # the kernel+initrd media, by the name older callers use
 
 
 @dataclass
@@ -70,7 +72,7 @@ def find_boot_files(name: str | Path) -> BootFiles:
         raise NotFound(f"{prefix}: no kernel+initrd build here (missing {', '.join(missing)}); "
                        "build one with: mobykit build -f kernel+initrd")
     cmdline = cmdfile.read_text().strip() if cmdfile.is_file() else ""
-    return BootFiles(kernel, initrd, cmdline)
+    return BootMedia(kernel, initrd, cmdline)
 
 
 def guest_cmdline(cmdline: str) -> str:
@@ -90,7 +92,7 @@ def parse_publish(spec: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _resolve_accel(opts: RunOptions, kernel: Path) -> str:
+def _resolve_accel(opts: RunOptions, kernel: Path | None) -> str:
     if opts.accel not in ("auto", "kvm", "tcg"):
         raise InvalidArgument(f"--accel {opts.accel!r}: must be auto, kvm or tcg")
     if opts.accel != "auto":
@@ -100,7 +102,33 @@ def _resolve_accel(opts: RunOptions, kernel: Path) -> str:
     return accel.detect(kernel=kernel)
 
 
-def qemu_command(boot: BootFiles, opts: RunOptions, *, accel: str, iso: Path | None, attached: bool) -> list[str]:
+def _drive_path(path: Path) -> str:
+    """A file name inside a ``-drive`` option (qemu reads ``,,`` as a literal comma)."""
+    return str(path).replace(",", ",,")
+
+
+def boot_args(boot: BootMedia) -> list[str]:
+    """What qemu boots: a kernel (maybe with a root disk), else an ISO or a disk through the firmware."""
+    args: list[str] = []
+    if boot.kernel is not None:
+        if boot.initrd is None:
+            raise InvalidArgument(f"{boot.format}: a kernel boot needs an initrd")
+        args += ["-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", guest_cmdline(boot.cmdline)]
+    first = "" if boot.kernel is not None else ",bootindex=0"
+    if boot.cdrom is not None:
+        args += ["-drive", f"file={_drive_path(boot.cdrom)},if=none,id=boot,format=raw,media=cdrom,readonly=on",
+                 "-device", f"ide-cd,drive=boot{first}"]
+    if boot.disk is not None:
+        args += ["-drive", f"file={_drive_path(boot.disk)},if=none,id=boot,format={boot.disk_format},snapshot=on",
+                 "-device", f"virtio-blk-pci,drive=boot{first}"]
+    if boot.kernel is None and boot.cdrom is None and boot.disk is None:
+        raise InvalidArgument(f"{boot.format}: nothing to boot (no kernel, CD-ROM or disk)")
+    return args
+
+
+def qemu_command(boot: BootMedia, opts: RunOptions, *, accel: str, iso: Path | None, attached: bool,
+                 firmware_args: list[str] | None = None) -> list[str]:
+    """The qemu command line; ``firmware_args`` from ``firmware.qemu_args`` (none: SeaBIOS)."""
     if opts.cpus < 1:
         raise InvalidArgument("--cpus must be at least 1")
     if not _MEM.match(str(opts.mem)):
@@ -116,7 +144,7 @@ def qemu_command(boot: BootFiles, opts: RunOptions, *, accel: str, iso: Path | N
         opts.qemu, "-M", "pc", "-accel", accel, "-smp", str(opts.cpus), "-m", str(opts.mem),
         "-nographic", "-no-reboot", "-nodefaults",
         "-chardev", chardev, "-serial", "chardev:con",
-        "-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", guest_cmdline(boot.cmdline),
+        *(firmware_args or []), *boot_args(boot),
         "-nic", nic,
     ]  # fmt: skip
     cmd += ["-mon", "chardev=con,mode=readline"] if attached else ["-monitor", "none"]
@@ -125,17 +153,31 @@ def qemu_command(boot: BootFiles, opts: RunOptions, *, accel: str, iso: Path | N
     if iso is not None:
         cmd += [
             "-device", "virtio-scsi-pci,id=scsi0",
-            "-drive", f"file={iso},if=none,id=cidata,format=raw,media=cdrom,readonly=on",
+            "-drive", f"file={_drive_path(iso)},if=none,id=cidata,format=raw,media=cdrom,readonly=on",
             "-device", "scsi-cd,drive=cidata,bus=scsi0.0",
         ]  # fmt: skip
     return cmd
 
 
-class QemuVM:
-    """One qemu process whose console we watch (used by ``--until-ready`` and by tests)."""
+def _prepare(source: BootMedia | Output, opts: RunOptions, tmp: Path, *, attached: bool) -> list[str]:
+    """The whole qemu command for ``source``, with every file it needs made in ``tmp``."""
+    boot = source.prepare(tmp) if isinstance(source, Output) else source
+    accel = _resolve_accel(opts, boot.kernel)
+    fw = firmware.qemu_args(boot.firmware, tmp)
+    iso = None
+    if opts.data is not None:
+        from mobykit.run.cidata import make_iso
 
-    def __init__(self, boot: BootFiles, opts: RunOptions, echo=None):
-        self.boot, self.opts, self.echo = boot, opts, echo
+        iso = make_iso(tmp / "cidata.iso", opts.data, "instance-id: mobykit-run\n")
+    return qemu_command(boot, opts, accel=accel, iso=iso, attached=attached, firmware_args=fw)
+
+
+class QemuVM:
+    """One qemu process whose console we watch (used by ``--until-ready`` and by tests).
+    ``source``: media to boot as they are, or a build output prepared in the VM's temp dir."""
+
+    def __init__(self, source: BootMedia | Output, opts: RunOptions, echo=None):
+        self.source, self.opts, self.echo = source, opts, echo
         self.proc: subprocess.Popen | None = None
         self.tmp: Path | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=40)
@@ -148,15 +190,9 @@ class QemuVM:
     def start(self) -> None:
         if not shutil.which(self.opts.qemu):
             raise BuildError(f"{self.opts.qemu} is not installed (apt-get install qemu-system-x86)")
-        accel = _resolve_accel(self.opts, self.boot.kernel)
         self.tmp = Path(tempfile.mkdtemp(prefix="mobykit-run-"))
         try:
-            iso = None
-            if self.opts.data is not None:
-                from mobykit.run.cidata import make_iso
-
-                iso = make_iso(self.tmp / "cidata.iso", self.opts.data, "instance-id: mobykit-run\n")
-            cmd = qemu_command(self.boot, self.opts, accel=accel, iso=iso, attached=False)
+            cmd = _prepare(self.source, self.opts, self.tmp, attached=False)
             if self.opts.console_log:
                 self._log = open(self.opts.console_log, "wb")  # noqa: SIM115 - closed in stop()
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -237,20 +273,14 @@ class QemuVM:
         self.stop()
 
 
-def run_attached(boot: BootFiles, opts: RunOptions) -> int:
+def run_attached(source: BootMedia | Output, opts: RunOptions) -> int:
     """qemu on this terminal until the guest powers off (or ``opts.timeout``); its exit code."""
     if not shutil.which(opts.qemu):
         raise BuildError(f"{opts.qemu} is not installed (apt-get install qemu-system-x86)")
-    accel = _resolve_accel(opts, boot.kernel)
     tmp = Path(tempfile.mkdtemp(prefix="mobykit-run-"))
     proc = None
     try:
-        iso = None
-        if opts.data is not None:
-            from mobykit.run.cidata import make_iso
-
-            iso = make_iso(tmp / "cidata.iso", opts.data, "instance-id: mobykit-run\n")
-        proc = subprocess.Popen(qemu_command(boot, opts, accel=accel, iso=iso, attached=True))
+        proc = subprocess.Popen(_prepare(source, opts, tmp, attached=True))
         try:
             return proc.wait(opts.timeout)
         except subprocess.TimeoutExpired:
@@ -264,10 +294,10 @@ def run_attached(boot: BootFiles, opts: RunOptions) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(name: str | Path, opts: RunOptions, echo=None) -> Outcome:
+def run(name: str | Path, opts: RunOptions, echo=None, fmt: str | None = None) -> Outcome:
     """``mobykit run qemu NAME``: with ``until_ready``, boot and return at the readiness verdict
-    (qemu killed then); else watch until the guest powers off. ``echo``: a binary stream that gets
-    the console as it comes."""
-    boot = find_boot_files(name)
-    with QemuVM(boot, opts, echo=echo) as vm:
+    (qemu killed then); else watch until the guest powers off. ``fmt``: the output format to boot
+    (default: the first bootable one NAME has, ``media.find``). ``echo``: a binary stream that
+    gets the console as it comes."""
+    with QemuVM(media.find(name, fmt), opts, echo=echo) as vm:
         return vm.wait(opts.timeout, until_ready=opts.until_ready)
