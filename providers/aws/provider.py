@@ -1,0 +1,134 @@
+"""``AWSProvider``: the Provider interface over EC2 and the EBS direct APIs (see the package docstring)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+from mobykit.providers.aws import instances
+from mobykit.providers.aws.clients import ClientCache, Clients
+from mobykit.providers.aws.properties import (
+    IMAGE_TAG,
+    LOGICAL_ID_TAG,
+    InstanceProperties,
+    Settings,
+    parse,
+    private_ip,
+    user_data,
+)
+from mobykit.providers.aws.publish import Publisher
+from mobykit.providers.base import BootImage, Machine, MachineSpec
+
+
+class AWSProvider:
+    """``mobykit.providers.base.Provider`` over EC2. Thread-safe; clients are made per region.
+
+    ``poll`` (seconds between waiter polls) and ``parallel`` (PutSnapshotBlock calls in flight) are
+    attributes a test or benchmark may change; the config keys are Region, Import and Bucket.
+    """
+
+    name: ClassVar[str] = "aws"
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        self.settings = Settings.parse(config)
+        self.clients = ClientCache(self.settings.region)
+        self.poll = 15.0
+        self.parallel: int | None = None
+        self._lock = threading.Lock()
+        self._publishers: dict[str, Publisher] = {}
+        self._amis: dict[tuple[str, str], str] = {}  # (region, image id) -> AMI, once published
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _clients(self, region: str | None = None) -> Clients:
+        return self.clients.get(region)
+
+    def publisher(self, region: str | None = None) -> Publisher:
+        clients = self._clients(region)
+        with self._lock:
+            p = self._publishers.get(clients.region)
+            if p is None:
+                p = Publisher(clients, self.settings.import_mode, self.settings.bucket, poll=self.poll)
+                self._publishers[clients.region] = p
+            p.poll = self.poll
+            if self.parallel:
+                p.parallel = self.parallel
+            return p
+
+    # -- Provider -------------------------------------------------------------------------------
+
+    def validate(self, properties: dict[str, Any]) -> None:
+        parse(properties)
+
+    def publish_image(self, image: BootImage, properties: dict[str, Any] | None = None) -> str:
+        """The AMI of ``image`` in the properties' region, published on first use (``publish.py``).
+        An explicit ``RunInstancesInput.ImageId`` wins: nothing is uploaded then."""
+        props = parse({**(properties or {}), "Image": image.id})
+        if props.explicit_ami:
+            return props.explicit_ami
+        self.clients.credentials_present()
+        region = self.clients.region(props.region)
+        with self._lock:
+            known = self._amis.get((region, image.id))
+        if known:
+            return known
+        ami = self.publisher(region).publish(image)
+        with self._lock:
+            self._amis[(region, image.id)] = ami
+        return ami
+
+    def _ami(self, props: InstanceProperties) -> str:
+        if props.explicit_ami:
+            return props.explicit_ami
+        assert props.image is not None  # parse() requires Image or ImageId
+        region = self.clients.region(props.region)
+        with self._lock:
+            known = self._amis.get((region, props.image))
+        if known:
+            return known
+        ami = self.publisher(region)._first(self.publisher(region)._amis(props.image))
+        if ami is None:
+            from mobykit.errors import FailedPrecondition
+
+            raise FailedPrecondition(f"image {props.image} is not published to {region} (the core publishes "
+                                     "built images before Provision)")
+        return ami["ImageId"]
+
+    def create(self, spec: MachineSpec) -> Machine:
+        props = parse(spec.properties)
+        self.clients.credentials_present()
+        ec2 = self._clients(props.region).ec2
+        tags = {**props.tags, **spec.tags}
+        if props.image:
+            tags.setdefault(IMAGE_TAG, props.image)
+        if spec.logical_id:
+            tags[LOGICAL_ID_TAG] = spec.logical_id
+        request = dict(props.run)
+        request.pop("MinCount", None)
+        request.pop("MaxCount", None)
+        request["ImageId"] = self._ami(props)
+        data = user_data(spec.user_data, props.run)
+        request.pop("UserData", None)
+        if data:
+            request["UserData"] = data
+        ip = private_ip(spec.logical_id)
+        if ip and "PrivateIpAddress" not in request and not request.get("NetworkInterfaces"):
+            request["PrivateIpAddress"] = ip
+        own = [ts for ts in request.pop("TagSpecifications", []) if ts.get("ResourceType") not in ("instance", "volume")]
+        request["TagSpecifications"] = own + [
+            {"ResourceType": "instance", "Tags": instances.tag_list(tags)},
+            {"ResourceType": "volume", "Tags": instances.tag_list(tags)},
+        ]
+        return instances.run(ec2, request)
+
+    def set_tags(self, id: str, tags: dict[str, str]) -> None:
+        instances.set_tags(self._clients().ec2, id, tags)
+
+    def destroy(self, id: str) -> None:
+        instances.terminate(self._clients().ec2, id)
+
+    def list(self, tags: dict[str, str]) -> list[Machine]:
+        return instances.describe(self._clients().ec2, dict(tags))
+
+    def console_output(self, id: str) -> str:
+        return instances.console(self._clients().ec2, id)

@@ -1,0 +1,276 @@
+"""moto in server mode in the test process, reached by boto3 over real HTTP, with faults and latency.
+
+``MotoServer`` is moto's ``ThreadedMotoServer`` on 127.0.0.1 (a free port) whose WSGI app is
+wrapped by ``Faults``: a middleware that can delay every AWS call and fail a share of them the
+ways AWS does (throttling, 503 before the call is served, and 500 after it was served, i.e. an
+answer lost on the way back, which is what ClientToken idempotency is for).
+
+Where moto lacks a behaviour mobykit relies on, ``extend_moto`` patches moto's backend in this
+process (so it only works for the in-process server) and every patch is undone on exit:
+- GetConsoleOutput: moto returns a fixed Xen boot log. Here an instance whose AMI carries the tag
+  ``mobykit.image`` prints what our init prints, ``mobykit: ready <image id>`` (there is no real
+  guest: the readiness line stands for a boot that succeeded).
+- RegisterImage: moto ignores TagSpecifications and BlockDeviceMappings; here the AMI gets its
+  tags and its root device boots the given snapshot (moto's auto-made snapshot is dropped).
+- EBS direct snapshots: moto marks them completed at StartSnapshot; here they stay ``pending``
+  until CompleteSnapshot, as on AWS (another server must wait for an upload in progress).
+- RunInstances ClientToken: moto starts a new instance for a repeated token; here a repeated
+  token returns the first reservation, as EC2 does.
+- ImportSnapshot / DescribeImportSnapshotTasks (moto answers 500): a task that completes at once,
+  making a snapshot of the S3 object's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+from werkzeug.serving import make_server
+
+ACCOUNT = "123456789012"
+IMAGE_TAG = "mobykit.image"
+
+
+@dataclass
+class Faults:
+    """WSGI middleware in front of moto: ``latency`` seconds per call, and a ``rate`` (0..1) of calls
+    failed, drawn from a seeded RNG; ``kinds`` picks among "throttle", "503" and "lost"."""
+
+    app: Callable[..., Any]
+    rate: float = 0.0
+    latency: float = 0.0
+    kinds: tuple[str, ...] = ("throttle", "503", "lost")
+    seed: int = 0
+    injected: dict[str, int] = field(default_factory=dict)
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO", "").startswith("/moto-api"):
+            return self.app(environ, start_response)
+        with self._lock:
+            self.calls += 1
+            kind = self._rng.choice(self.kinds) if self._rng.random() < self.rate else None
+            if kind:
+                self.injected[kind] = self.injected.get(kind, 0) + 1
+        if self.latency:
+            time.sleep(self.latency)
+        rest_json = environ.get("PATH_INFO", "").startswith("/snapshots")  # the EBS direct APIs
+        if kind == "throttle":
+            return _error(start_response, rest_json, 429 if rest_json else 503,
+                          "ThrottlingException" if rest_json else "RequestLimitExceeded", "Rate exceeded")
+        if kind == "503":
+            return _error(start_response, rest_json, 503, "ServiceUnavailable", "injected: service unavailable")
+        if kind == "lost":
+            body = b"".join(self.app(environ, lambda *a, **k: None))  # served, then the answer is lost
+            del body
+            return _error(start_response, rest_json, 500, "InternalError", "injected: answer lost")
+        return self.app(environ, start_response)
+
+
+def _error(start_response: Callable[..., Any], rest_json: bool, status: int, code: str, message: str) -> list[bytes]:
+    reason = {429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
+    if rest_json:
+        body = json.dumps({"message": message}).encode()
+        headers = [("Content-Type", "application/json"), ("x-amzn-ErrorType", code)]
+    else:
+        body = (f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+                f"<RequestID>{uuid.uuid4()}</RequestID></Response>").encode()
+        headers = [("Content-Type", "text/xml")]
+    start_response(f"{status} {reason}", headers + [("Content-Length", str(len(body)))])
+    return [body]
+
+
+class MotoServer(ThreadedMotoServer):
+    """``ThreadedMotoServer`` on 127.0.0.1:<free port> with ``self.faults`` in front of its app."""
+
+    def __init__(self) -> None:
+        super().__init__(ip_address="127.0.0.1", port=0, verbose=False)
+        self.faults = Faults(DomainDispatcherApplication(create_backend_app))
+
+    def _server_entry(self) -> None:
+        self._server = make_server(self._ip_address, self._port, self.faults, True,
+                                   request_handler=MotoRequestHandler)
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+    @property
+    def url(self) -> str:
+        host, port = self.get_host_and_port()
+        return f"http://{host}:{port}"
+
+    def reset(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")).read()
+        self.faults.rate, self.faults.latency = 0.0, 0.0
+
+
+def ec2_backend(region: str) -> Any:
+    from moto.ec2.models import ec2_backends
+
+    return ec2_backends[ACCOUNT][region]
+
+
+@contextlib.contextmanager
+def extend_moto() -> Iterator[None]:
+    """Apply the backend extensions listed in the module docstring; undo them on exit."""
+    from moto.core.responses import ActionResult
+    from moto.ebs.models import EBSBackend
+    from moto.ec2.models import EC2Backend
+    from moto.ec2.responses.amis import AmisResponse
+    from moto.ec2.responses.general import General
+    from moto.ec2.responses.instances import InstanceResponse
+    from moto.ec2.utils import Base64EncodedString
+
+    saved: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, value: Any) -> None:
+        saved.append((owner, name, owner.__dict__[name]))
+        setattr(owner, name, value)
+
+    original_console = General.get_console_output
+
+    def get_console_output(self: Any) -> Any:
+        instance = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+        ami = self.ec2_backend.amis.get(instance.image_id)
+        image = (ami.get_tags() and {t["key"]: t["value"] for t in ami.get_tags()}.get(IMAGE_TAG)) if ami else None
+        if not image:
+            return original_console(self)
+        text = f"Linux version 6.1.0 (moto)\nmobykit: ready {image}\n"
+        return ActionResult({"InstanceId": instance.id, "Output": Base64EncodedString.from_raw_string(text)})
+
+    def register_image(self: Any) -> Any:
+        self.error_on_dryrun()
+        image = self.ec2_backend.register_image(self._get_param("Name"), self._get_param("Description", ""))
+        tags = self._parse_tag_specification().get("image", {})
+        if tags:
+            self.ec2_backend.create_tags([image.id], tags)
+        for m in self._get_param("BlockDeviceMappings", []):
+            sid = (m.get("Ebs") or {}).get("SnapshotId")
+            if sid and sid in self.ec2_backend.snapshots:
+                auto = image.ebs_snapshot
+                image.ebs_snapshot = self.ec2_backend.snapshots[sid]
+                image.root_device_name = m.get("DeviceName") or image.root_device_name
+                self.ec2_backend.snapshots.pop(auto.id, None)
+        return ActionResult({"ImageId": image.id})
+
+    original_start, original_complete = EBSBackend.start_snapshot, EBSBackend.complete_snapshot
+
+    def start_snapshot(self: Any, *args: Any, **kwargs: Any) -> Any:
+        snap = original_start(self, *args, **kwargs)
+        self.ec2_backend.snapshots[snap.snapshot_id].status = "pending"
+        return snap
+
+    def complete_snapshot(self: Any, snapshot_id: str) -> str:
+        out = original_complete(self, snapshot_id)
+        if snapshot_id in self.ec2_backend.snapshots:
+            self.ec2_backend.snapshots[snapshot_id].status = "completed"
+        return out
+
+    original_run = EC2Backend.run_instances
+    tokens_lock = threading.Lock()
+
+    def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = kwargs.get("client_token")
+        with tokens_lock:
+            seen = self.__dict__.setdefault("_mobykit_tokens", {})
+            if token and token != "ABCDE" and token in seen:
+                return seen[token]
+            reservation = original_run(self, *args, **kwargs)
+            if token:
+                seen[token] = reservation
+            return reservation
+
+    def import_snapshot(self: Any) -> Any:
+        bucket = self._get_param("DiskContainer.UserBucket.S3Bucket")
+        key = self._get_param("DiskContainer.UserBucket.S3Key")
+        from moto.s3.models import s3_backends
+
+        obj = s3_backends[ACCOUNT]["aws"].get_object(bucket, key)
+        gib = max(1, -(-obj.size // (1 << 30)))
+        volume = self.ec2_backend.create_volume(size=gib, zone_name=f"{self.region}a")
+        snap = self.ec2_backend.create_snapshot(volume.id, "imported")
+        self.ec2_backend.delete_volume(volume.id)
+        task = f"import-snap-{uuid.uuid4().hex[:17]}"
+        self.ec2_backend.__dict__.setdefault("_mobykit_imports", {})[task] = {
+            "ImportTaskId": task, "SnapshotTaskDetail": {"Status": "completed", "SnapshotId": snap.id,
+                                                         "DiskImageSize": float(obj.size), "Format": "RAW"}}
+        return ActionResult({"ImportTaskId": task, "SnapshotTaskDetail": {"Status": "active"}})
+
+    def describe_import_snapshot_tasks(self: Any) -> Any:
+        tasks = self.ec2_backend.__dict__.get("_mobykit_imports", {})
+        ids = self._get_multi_param("ImportTaskId") or list(tasks)
+        return ActionResult({"ImportSnapshotTasks": [tasks[i] for i in ids if i in tasks]})
+
+    patch(General, "get_console_output", get_console_output)
+    patch(AmisResponse, "register_image", register_image)
+    patch(EBSBackend, "start_snapshot", start_snapshot)
+    patch(EBSBackend, "complete_snapshot", complete_snapshot)
+    # run_instances comes from a mixin: set on EC2Backend itself, and removed again on exit.
+    saved.append((EC2Backend, "run_instances", EC2Backend.__dict__.get("run_instances")))
+    EC2Backend.run_instances = run_instances
+    for name, fn in (("import_snapshot", import_snapshot),
+                     ("describe_import_snapshot_tasks", describe_import_snapshot_tasks)):
+        saved.append((InstanceResponse, name, InstanceResponse.__dict__.get(name)))
+        _set_or_del(InstanceResponse, name, fn)
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            _set_or_del(owner, name, value)
+
+
+def _set_or_del(owner: Any, name: str, value: Any) -> None:
+    if value is None:
+        if name in owner.__dict__:
+            delattr(owner, name)
+    else:
+        setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def aws_env(url: str, region: str = "us-east-1") -> Iterator[None]:
+    """Point boto3's standard chain at the server: endpoint, region and dummy credentials, no IMDS."""
+    keys = {"AWS_ENDPOINT_URL": url, "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    drop = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+    old = {k: os.environ.get(k) for k in (*keys, *drop)}
+    os.environ.update(keys)
+    for k in drop:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sparse_disk(path: Any, size: int, data: dict[int, bytes]) -> None:
+    """A sparse file of ``size`` bytes with ``data`` written at the given offsets."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, chunk in data.items():
+            f.seek(offset)
+            f.write(chunk)
+
+
+__all__ = ["ACCOUNT", "Faults", "MotoServer", "aws_env", "ec2_backend", "extend_moto", "sparse_disk"]
