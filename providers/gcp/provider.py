@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -27,6 +28,8 @@ from mobykit.providers.gcp.labels import (
 )
 from mobykit.providers.gcp.properties import GCPConfig, InstanceProperties
 from mobykit.providers.gcp.publish import Publisher
+
+log = logging.getLogger("mobykit.providers.gcp")
 
 ENV_PROJECT = "GOOGLE_CLOUD_PROJECT"
 PAGE_SIZE = 500  # GCE's maximum maxResults
@@ -158,15 +161,21 @@ class GCPProvider:
                            user_data=spec.user_data, logical_id=spec.logical_id)
         with self._lock:
             self._zones_used.add(zone)
-        # One requestId for every retry of this insert: a retry after a lost answer is the same insert.
-        op = compute.call(compute.instances.insert_unary, f"instances.insert {name}", project=project, zone=zone,
-                          instance_resource=body, request_id=str(uuid.uuid4()))
         try:
+            # One requestId for every retry of this insert: a retry after a lost answer is the same insert.
+            op = compute.call(compute.instances.insert_unary, f"instances.insert {name}", project=project,
+                              zone=zone, instance_resource=body, request_id=str(uuid.uuid4()))
             compute.wait(op, project, zone, f"instances.insert {name}")
             inst = compute.call(compute.instances.get, f"instances.get {name}", project=project, zone=zone,
                                 instance=name)
+        except InvalidArgument:
+            raise  # refused (a 409 is someone else's instance of that name: not ours to delete)
         except BaseException:
-            self._delete(project, zone, name)  # whatever got made must not leak
+            # Unknown outcome (retries ran out, interrupted): whatever got made must not leak.
+            try:
+                self._delete(project, zone, name)
+            except Exception as cleanup:  # the caller learns of the first error; this one is logged
+                log.warning("gcp: could not remove %s after a failed create: %s", name, cleanup)
             raise
         with self._lock:
             self._zone_of[name] = zone
