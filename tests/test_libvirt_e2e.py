@@ -3,7 +3,9 @@
 Two VMs boot a Debian cloud kernel and a busybox initrd that prints our init's readiness line; the
 test sees that line through the provider's console, the moby flavor turns HEALTHY, labels go
 through the instance core, a published port is bound on 127.0.0.1, and destroy leaves no domain, no
-qemu process, no volume and no file behind.
+qemu process, no volume and no file behind. ``Boot: disk``: two VMs of specs/images/minimal.yml
+boot from qcow2 overlays over one shared base disk, built and published through the flavor and
+the core.
 """
 
 from __future__ import annotations
@@ -213,3 +215,51 @@ def test_auto_published_ports_differ_per_vm_are_reported_and_bound(provider, boo
     for port in ports:
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
+
+
+def test_disk_boot_two_vms_over_one_base_through_flavor_and_core(provider, libvirtd_session, scratch, monkeypatch):  # noqa: F811
+    """Prepare (Boot: disk) builds minimal.yml and its qcow2-bios disk; Provision publishes the disk
+    once as the pool's base and each VM boots its own overlay to the readiness line; destroy removes
+    the overlays and keeps the base."""
+    from mobykit.image import store
+    from mobykit.image.cache import Cache
+    from mobykit.spi.types import Allocation, Index
+
+    repo = Path(__file__).resolve().parent.parent
+    if not os.environ.get("MOBYKIT_DEB_CACHE"):
+        monkeypatch.setenv("MOBYKIT_DEB_CACHE", str(repo / ".cache" / "debs"))
+    config = {"providers": {"libvirt": libvirtd_session.config}, "cache": str(scratch / "cache"),
+              "flavors": {"moby": {"PrepareWait": "900s"}}}
+    core = InstanceCore(config, providers={"libvirt": provider})
+    flavor = MobyFlavor(config, instances=core)
+    props = {"Image": str(repo / "specs" / "images" / "minimal.yml")}
+    try:
+        spec = flavor.prepare("moby", props, Spec(properties={"Boot": "disk", "Memory": 512}, tags={"t": "disk"}),
+                              Allocation(), Index())
+    finally:
+        flavor.close()
+    image_id = spec.properties["Image"]
+    hexid = image_id.removeprefix("sha256:")
+    ids = [core.provision("libvirt", spec) for _ in range(2)]
+    pool = libvirtd_session.pool_path
+    (stored,) = store.get(image_id, Cache(scratch / "cache")).format("qcow2-bios")
+    assert (pool / f"{hexid}.qcow2").read_bytes() == stored.read_bytes()  # the image's disk, uploaded once
+    assert not (pool / f"{hexid}.kernel").exists()  # a disk boot publishes no kernel
+    conn = libvirt.open(libvirtd_session.uri)
+    try:
+        for iid in ids:
+            xml = conn.lookupByName(iid).XMLDesc(0)
+            assert "<kernel>" not in xml and f"file='{pool}/{iid}.qcow2'" in xml
+            vol = conn.storagePoolLookupByName(libvirtd_session.config["Pool"]).storageVolLookupByName(f"{iid}.qcow2")
+            assert f"<path>{pool}/{hexid}.qcow2</path>" in vol.XMLDesc(0)  # backed by the shared base
+    finally:
+        conn.close()
+    for iid in ids:
+        wait_for(f"{iid} readiness line", lambda iid=iid: f"mobykit: ready {image_id}" in provider.console_output(iid),
+                 timeout=300)
+    for d in core.describe_instances("libvirt", {"t": "disk"}, False):
+        assert flavor.healthy("moby", props, d) == Health.HEALTHY
+    for iid in ids:
+        core.destroy("libvirt", iid)
+        assert qemu_pids(iid) == []
+    assert sorted(os.listdir(pool)) == [f"{hexid}.qcow2", f"{hexid}.qcow2.published"]

@@ -126,6 +126,10 @@ def test_ids_sort_in_creation_order(provider):
         ({"Kernel": "/k", "Initrd": "/i", "Publish": ["80:80", "80:81"]}, "Publish[1]"),
         ({"Image": "ubuntu"}, "Image"),
         ({"Kernel": "/k"}, "Initrd"),
+        ({"Boot": "floppy"}, "Boot"),
+        ({"Boot": ["disk"]}, "Boot"),
+        ({"Boot": "disk", "Kernel": "/k", "Initrd": "/i"}, "Boot"),
+        ({"Boot": "disk", "Image": "sha256:" + "ab" * 32, "Cmdline": "quiet"}, "Boot"),
     ],
 )
 def test_bad_properties_are_named(provider, props, needle):
@@ -263,3 +267,104 @@ def test_a_domain_is_listed_only_once_create_has_finished_with_it_or_long_after(
     provider.destroy(young)  # and whatever is hidden can still be destroyed by id
     provider.destroy(old)
     assert [m.id for m in provider.list({})] == [done.id]
+
+
+# --- Boot: disk ------------------------------------------------------------------------------
+
+class _DiskImage:
+    """A BootImage whose qcow2-bios format is a local file, counting how often it is asked for."""
+
+    def __init__(self, tmp_path, image_id: str):
+        self.disk = tmp_path / "image.qcow2"
+        self.disk.write_bytes(b"QFI\xfb" + bytes(4092))
+        self.asked: list[str] = []
+        self.image = BootImage(id=image_id, name="t", kernel=tmp_path / "k", initrd=tmp_path / "i", cmdline="",
+                               files=self._files)
+
+    def _files(self, name: str, size=None):
+        self.asked.append(name)
+        return [self.disk]
+
+
+def _xml(name: str, vol: str | None = None) -> str:
+    conn = libvirt.open(URI)
+    try:
+        if vol is not None:
+            return conn.storagePoolLookupByName("mobykit-test").storageVolLookupByName(vol).XMLDesc(0)
+        return conn.lookupByName(name).XMLDesc(0)
+    finally:
+        conn.close()
+
+
+def test_disk_boot_shares_one_base_per_image_and_gives_each_instance_an_overlay(provider, tmp_path):
+    image_id = "sha256:" + "de" * 32
+    hexid = image_id[7:]
+    fake = _DiskImage(tmp_path, image_id)
+    props = {"Image": image_id, "Boot": "disk"}
+    assert provider.publish_image(fake.image, props) == f"mobykit-test/{hexid}.qcow2"
+    provider.publish_image(fake.image, props)
+    assert fake.asked == ["qcow2-bios"]  # published once: the marker volume says it is complete
+    made = [provider.create(MachineSpec(properties=dict(props), tags={"t": "disk"}, user_data="x")) for _ in range(2)]
+    base = f"/mobykit-test-pool/{hexid}.qcow2"
+    for m in made:
+        xml = _xml(m.id)
+        assert "<kernel>" not in xml and "<initrd>" not in xml and "<cmdline>" not in xml
+        assert "<boot dev='hd'/>" in xml
+        disk = xml[xml.index("<disk type='file' device='disk'>"):]
+        disk = disk[:disk.index("</disk>")]
+        assert "<driver name='qemu' type='qcow2'/>" in disk
+        assert f"<source file='/mobykit-test-pool/{m.id}.qcow2'" in disk and "bus='virtio'" in disk
+        volume = _xml(m.id, f"{m.id}.qcow2")
+        assert "<format type='qcow2'/>" in volume
+        assert f"<backingStore>\n    <path>{base}</path>\n    <format type='qcow2'/>" in volume
+        assert f"{m.id}.qcow2" in m.properties["Volumes"]
+    provider.destroy(made[0].id)
+    vols = _pool_volumes()
+    assert f"{made[0].id}.qcow2" not in vols and f"{made[1].id}.qcow2" in vols
+    provider.destroy(made[1].id)
+    assert _pool_volumes() == [f"{hexid}.qcow2", f"{hexid}.qcow2.published"]  # the base stays
+
+
+def test_disk_boot_needs_a_published_disk_and_leaves_nothing_when_refused(provider, tmp_path):
+    image_id = "sha256:" + "ef" * 32
+    provider.validate({"Boot": "disk"})  # the moby flavor adds Image in Prepare
+    with pytest.raises(InvalidArgument, match="Properties.Image: Boot: disk"):
+        provider.create(MachineSpec(properties={"Boot": "disk"}))
+    kernel_only = _DiskImage(tmp_path, image_id)
+    provider.publish_image(kernel_only.image, {})  # published for kernel boots only
+    with pytest.raises(FailedPrecondition, match="its disk is not published"):
+        provider.create(MachineSpec(properties={"Image": image_id, "Boot": "disk"}))
+    assert provider.list({}) == [] and _pool_volumes() == []
+
+
+def test_an_interrupted_disk_upload_is_uploaded_again(provider, tmp_path):
+    image_id = "sha256:" + "fa" * 32
+    fake = _DiskImage(tmp_path, image_id)
+    provider.publish_image(fake.image, {"Boot": "disk"})
+    conn = libvirt.open(URI)
+    try:
+        conn.storagePoolLookupByName("mobykit-test").storageVolLookupByName(f"{image_id[7:]}.qcow2.published").delete(0)
+    finally:
+        conn.close()
+    provider.publish_image(fake.image, {"Boot": "disk"})
+    assert fake.asked == ["qcow2-bios", "qcow2-bios"]
+    assert f"{image_id[7:]}.qcow2.published" in _pool_volumes()
+
+
+def test_prepare_for_a_disk_boot_makes_the_disk_in_the_build_job(tmp_path):
+    """The moby flavor's Prepare makes the disk format inside its build job (and its wait budget),
+    so that Provision only uploads it; a kernel boot does not pay for it."""
+    from mobykit.flavor.moby import MobyFlavor
+    from mobykit.spi.types import Allocation, Index, Spec
+
+    spec_file = tmp_path / "spec.yml"
+    spec_file.write_text("kernel: {image: k}\n")
+    fake = _DiskImage(tmp_path, "sha256:" + "0d" * 32)
+    flavor = MobyFlavor({}, build=lambda sources, progress: fake.image)
+    try:
+        out = flavor.prepare("", {"Image": str(spec_file)}, Spec(properties={"Boot": "disk"}), Allocation(), Index())
+        assert out.properties == {"Boot": "disk", "Image": fake.image.id} and fake.asked == ["qcow2-bios"]
+        flavor.prepare("", {"Image": str(spec_file)}, Spec(properties={}), Allocation(), Index())
+        assert fake.asked == ["qcow2-bios"]
+    finally:
+        flavor.close()

@@ -12,7 +12,9 @@ Prepare builds the image on demand (``mobykit.image.store.build_and_store``, whi
 when the spec's inputs are unchanged) and writes the id into the instance properties
 (``Image: sha256:...``) and into the tag ``mobykit.image``. Why both: the instance core boots by the
 property, while Infrakit's config hash covers only the group spec, so the tag is what lets a user and
-the group controller see which image each instance runs after a spec's contents change.
+the group controller see which image each instance runs after a spec's contents change. When the
+instance properties say ``Boot: disk`` (libvirt), the build job also makes the image's disk format,
+so that Provision only uploads it.
 
 Why Prepare does not simply build and return: Infrakit's client gives up after 15 s, and a cold build
 (a kernel and packages from Debian) takes minutes. So the build runs in the background
@@ -225,7 +227,7 @@ class MobyFlavor:
         props = parse(properties)
         if spec.properties is not None and not isinstance(spec.properties, dict):
             raise InvalidArgument("Instance.Properties: must be an object for the moby flavor to set Image")
-        image = self._image(props.image)
+        image = self._image(props.image, disk=_boots_disk(spec))
         out = copy.deepcopy(spec)
         out.properties = {**(spec.properties or {}), "Image": image.id}
         out.tags = {**(spec.tags or {}), **props.tags, IMAGE_TAG: image.id}
@@ -284,17 +286,34 @@ class MobyFlavor:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _image(self, image: Any) -> BootImage:
+    def _image(self, image: Any, *, disk: bool = False) -> BootImage:
         """The built image of the ``Image`` property, through the shared builds in flight (see the
         module docstring). The sources are made here, on the request thread, so a refused path is
-        answered at once; the build reads them through the same checks when it opens them."""
+        answered at once; the build reads them through the same checks when it opens them.
+
+        ``disk``: the instance boots the image's disk (libvirt ``Boot: disk``), so the build job
+        also makes that format, inside the same wait budget, rather than leaving it to Provision
+        (which would make it on first use, behind Infrakit's 15 s too)."""
         from mobykit.image import store
 
         sources = store.spec_sources(image, "Properties.Image")
         label = "Properties.Image " + ", ".join(str(s.path) if s.path is not None else "(inline spec)"
                                                 for s in sources)
-        return self.builds.get(store.build_key(sources), label, lambda progress: self._build(sources, progress),
-                                self.prepare_wait)
+        key = store.build_key(sources)
+
+        def job(progress: Progress) -> BootImage:
+            built = self._build(sources, progress)
+            if disk and built.files is not None:  # a stand-in image (tests) has no store to make it from
+                from mobykit.providers.libvirt.properties import DISK_FORMAT
+
+                task = progress.task(f"format {DISK_FORMAT}")
+                built.format(DISK_FORMAT)
+                task.done()
+            return built
+
+        if disk:
+            key, label = key + "+disk", label + " (with its disk)"
+        return self.builds.get(key, label, job, self.prepare_wait)
 
     def _port_ok(self, check: HealthCheck) -> bool:
         assert check.port is not None
@@ -325,6 +344,11 @@ class MobyFlavor:
         if self.clock() - self._created(instance) > check.deadline:
             return Health.UNHEALTHY
         return Health.UNKNOWN
+
+
+def _boots_disk(spec: Spec) -> bool:
+    """Whether the instance boots the image's disk (libvirt ``Boot: disk``) rather than its kernel."""
+    return isinstance(spec.properties, dict) and spec.properties.get("Boot") == "disk"
 
 
 def _prop(instance: Description, key: str) -> Any:

@@ -1,4 +1,5 @@
-"""Machines as libvirt domains: qemu direct kernel boot, user-mode networking, serial console to a file.
+"""Machines as libvirt domains: qemu direct kernel boot (or the image's disk), user-mode networking,
+serial console to a file.
 
 Why the design is what it is:
 - The domain is the only state. Tags, logical id, image id, creation time and the volumes made for
@@ -9,6 +10,8 @@ Why the design is what it is:
   ``events.py``); without events every listing re-reads every domain, as before.
 - Everything the guest needs (kernel, initrd, cidata ISO, the console log) is a volume in a ``dir``
   storage pool (``storage.py``), uploaded and downloaded through libvirt's stream API.
+- ``Boot: disk`` boots the image's ``qcow2-bios`` disk instead: one base volume per image id and
+  a qcow2 overlay per instance backed by it (``diskboot.py``); destroy removes the overlay only.
 - Published ports (``Publish``, loopback only) are qemu ``hostfwd`` arguments (``domain.py``);
   ``"0:80"`` asks for any free host port, read back from qemu after the start (``ports.py``).
   Every published port is kept in the domain metadata and reported as Description property
@@ -25,7 +28,7 @@ Connection URI: property ``URI``, else config ``URI``, else ``$MOBYKIT_LIBVIRT_U
 it has no volume upload/download, so there images are referenced by path and the console is empty.
 
 Modules: ``properties`` (what a request may say, ids), ``metadata``, ``domain`` (XML and Machine),
-``storage``, ``ports``, ``events`` and ``cache`` (listings), ``provider`` (``LibvirtProvider``).
+``storage``, ``diskboot``, ``ports``, ``events`` and ``cache`` (listings), ``provider`` (``LibvirtProvider``).
 Everything other code imports is re-exported here.
 """
 

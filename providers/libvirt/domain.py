@@ -35,13 +35,16 @@ STATE_NAMES = {
 
 @dataclass(frozen=True)
 class BootSpec:
-    """What the domain boots and where its files are, as the daemon sees them."""
+    """What the domain boots and where its files are, as the daemon sees them: a kernel, initrd and
+    command line (direct kernel boot), or a qcow2 disk (its own overlay over the image's disk,
+    booted by SeaBIOS from the boot loader on it)."""
 
-    kernel: str
-    initrd: str
-    cmdline: str
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
     console: str  # the serial console's log volume
     cidata: str | None  # the NoCloud ISO volume, when there is user data
+    disk: str | None = None  # the instance's qcow2 overlay volume (Boot: disk)
 
 
 def domain_xml(instance_id: str, props: dict[str, Any], boot: BootSpec, meta: InstanceMeta, *,
@@ -55,13 +58,22 @@ def domain_xml(instance_id: str, props: dict[str, Any], boot: BootSpec, meta: In
     ET.SubElement(root, "metadata").append(meta.element())
     os_el = ET.SubElement(root, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine=machine).text = "hvm"
-    ET.SubElement(os_el, "kernel").text = boot.kernel
-    ET.SubElement(os_el, "initrd").text = boot.initrd
-    ET.SubElement(os_el, "cmdline").text = boot.cmdline
+    if boot.disk:
+        ET.SubElement(os_el, "boot", dev="hd")
+    else:
+        ET.SubElement(os_el, "kernel").text = boot.kernel
+        ET.SubElement(os_el, "initrd").text = boot.initrd
+        ET.SubElement(os_el, "cmdline").text = boot.cmdline
     # An immutable machine that stops has finished: never reboot it into a loop.
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(root, event).text = "destroy"
     devices = ET.SubElement(root, "devices")
+    if boot.disk:
+        # The overlay's header names its backing file (the image's shared base) and that file's format.
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+        ET.SubElement(disk, "source", file=boot.disk)
+        ET.SubElement(disk, "target", dev="vda", bus="virtio")
     if boot.cidata:
         disk = ET.SubElement(devices, "disk", type="file", device="cdrom")
         ET.SubElement(disk, "driver", name="qemu", type="raw")

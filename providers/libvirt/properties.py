@@ -27,7 +27,10 @@ PROPERTY_DEFAULTS: dict[str, Any] = {
     "Publish": [],
     "URI": None,
     "Pool": None,
+    "Boot": "kernel",
 }
+BOOT_MODES = ("kernel", "disk")  # direct kernel boot, or the image's disk (an overlay per VM: diskboot.py)
+DISK_FORMAT = "qcow2-bios"  # the output format Boot: disk boots (SeaBIOS, the machine's default firmware)
 CONFIG_KEYS = ("URI", "Pool", "PoolPath", "DomainType", "Machine")
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 CREATE_GRACE = 300.0  # seconds after which an unfinished create is listed anyway (see the package docstring)
@@ -75,6 +78,12 @@ def parse_publish(value: str, where: str = "Publish") -> tuple[str, int, int]:
     return m.group("proto") or "tcp", host, guest
 
 
+def boot_mode(properties: dict[str, Any]) -> str:
+    """``Boot``, with null or absent meaning the default (direct kernel boot)."""
+    boot = properties.get("Boot")
+    return PROPERTY_DEFAULTS["Boot"] if boot is None else boot
+
+
 def validate_properties(properties: dict[str, Any]) -> None:
     """Check instance properties; raise InvalidArgument naming the first bad key."""
     if not isinstance(properties, dict):
@@ -91,7 +100,7 @@ def validate_properties(properties: dict[str, Any]) -> None:
             raise InvalidArgument(f"Properties.{key}: must be a positive integer, got {v!r}")
     if properties.get("Memory", 512) < 64:
         raise InvalidArgument("Properties.Memory: at least 64 (MiB) is needed to boot a kernel")
-    for key in ("Image", "Kernel", "Initrd", "Cmdline", "URI", "Pool"):
+    for key in ("Image", "Kernel", "Initrd", "Cmdline", "URI", "Pool", "Boot"):
         v = properties.get(key)
         if v is not None and not isinstance(v, str):
             raise InvalidArgument(f"Properties.{key}: must be a string, got {type(v).__name__}")
@@ -102,6 +111,13 @@ def validate_properties(properties: dict[str, Any]) -> None:
         raise InvalidArgument("Properties: give either Image or Kernel/Initrd, not both")
     if bool(properties.get("Kernel")) != bool(properties.get("Initrd")):
         raise InvalidArgument("Properties: Kernel and Initrd go together")
+    boot = boot_mode(properties)
+    if boot not in BOOT_MODES:
+        raise InvalidArgument(f"Properties.Boot: {boot!r} is not one of {', '.join(BOOT_MODES)}")
+    if boot == "disk" and any(properties.get(k) for k in ("Kernel", "Initrd", "Cmdline")):
+        # The disk's boot loader has the kernel, initrd and command line the image was built with.
+        raise InvalidArgument("Properties.Boot: disk boots a built Image's disk; Kernel, Initrd and Cmdline "
+                              "go with Boot: kernel")
     publish = properties.get("Publish", [])
     if not isinstance(publish, list):
         raise InvalidArgument("Properties.Publish: must be a list like [\"8080:80\"]")

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 from mobykit.core import paths
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from mobykit.providers.base import BootImage, Machine, MachineSpec
-from mobykit.providers.libvirt import events
+from mobykit.providers.libvirt import diskboot, events
 from mobykit.providers.libvirt.binding import is_test, libvirt
 from mobykit.providers.libvirt.cache import DomainCache
 from mobykit.providers.libvirt.domain import (
@@ -35,6 +35,7 @@ from mobykit.providers.libvirt.properties import (
     DEFAULT_POOL,
     DEFAULT_URI,
     ENV_URI,
+    boot_mode,
     created_ns,
     new_id,
     parse_publish,
@@ -163,11 +164,16 @@ class LibvirtProvider:
 
     def publish_image(self, image: BootImage, properties: dict[str, Any] | None = None) -> str:
         """Upload kernel, initrd and cmdline as volumes ``<hex>.kernel|.initrd|.cmdline`` (idempotent:
-        the cmdline volume is written last, so its presence means the image is complete)."""
+        the cmdline volume is written last, so its presence means the image is complete); for
+        ``Boot: disk`` the image's disk instead, as the base of every instance's overlay (``diskboot``)."""
         properties = properties or {}
         conn = self._conn(properties.get("URI"))
         pool = self._storage.pool(conn, properties.get("Pool"))
         hexid = image.id.removeprefix("sha256:")
+        if boot_mode(properties) == "disk":
+            with self._lock:  # the mock driver too: its volumes stand for the files
+                diskboot.publish(self._storage, conn, pool, image)
+            return f"{pool.name()}/{diskboot.base_name(image.id)}"
         if is_test(conn):
             self._local_images[image.id] = image
             return f"{pool.name()}/{hexid}"
@@ -252,7 +258,14 @@ class LibvirtProvider:
         made_vols: list[Any] = []
         dom = None
         try:
-            kernel, initrd, cmdline, image = self._boot_files(conn, pool, props)
+            disk = None
+            if boot_mode(props) == "disk":
+                kernel = initrd = cmdline = None
+                image = props.get("Image")
+                disk = diskboot.overlay(self._storage, pool, image, instance_id)
+                made_vols.append(disk)
+            else:
+                kernel, initrd, cmdline, image = self._boot_files(conn, pool, props)
             console = self._storage.upload(conn, pool, f"{instance_id}.console", b"")
             made_vols.append(console)
             drive = None
@@ -264,7 +277,7 @@ class LibvirtProvider:
                                 created=created_ns(instance_id) or time.time_ns(),
                                 volumes=[v.name() for v in made_vols], pool=pool.name(), creating=True)
             boot = BootSpec(kernel=kernel, initrd=initrd, cmdline=cmdline, console=console.path(),
-                            cidata=drive.path() if drive else None)
+                            cidata=drive.path() if drive else None, disk=disk.path() if disk else None)
             xml = domain_xml(instance_id, props, boot, meta, domain_type=self._domain_type(conn),
                              machine=self.machine, qemu_args=not is_test(conn))
             dom = conn.defineXML(xml)
