@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import functools
 import ipaddress
 import re
@@ -178,7 +179,7 @@ def check_shape(value: Any, shape: Any, where: str) -> None:
         members = shape.members
         for key, item in value.items():
             if key not in members:
-                close = [m for m in members if m.lower() == str(key).lower()]
+                close = difflib.get_close_matches(str(key), list(members), n=1, cutoff=0.75)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise InvalidArgument(f"{where}.{key}: unknown field of {shape.name}{hint}")
             check_shape(item, members[key], f"{where}.{key}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mobykit.errors import FailedPrecondition, Unavailable
+from mobykit.errors import FailedPrecondition, NotFound, Unavailable
 from mobykit.providers.aws import blocks
 from mobykit.providers.aws.clients import Clients, api, error_code
 from mobykit.providers.aws.properties import IMAGE_TAG
@@ -231,8 +231,11 @@ class Publisher:
         if mine is not None and winner["ImageId"] != mine:
             log.info("AMI %s of %s registered elsewhere first: deregistering ours (%s)", winner["ImageId"],
                      image.id, mine)
-            with api(f"DeregisterImage {mine}"):
-                self.clients.ec2.deregister_image(ImageId=mine)
+            try:
+                with api(f"DeregisterImage {mine}"):
+                    self.clients.ec2.deregister_image(ImageId=mine)
+            except NotFound:
+                pass  # a retry of a call whose answer was lost: already deregistered
         used = {m.get("Ebs", {}).get("SnapshotId") for m in winner.get("BlockDeviceMappings", [])}
         if winner["ImageId"] != mine and used and snapshot not in used:
             self._drop_snapshot(snapshot)  # the winning AMI boots another server's snapshot

@@ -10,12 +10,13 @@ process (so it only works for the in-process server) and every patch is undone o
 - GetConsoleOutput: moto returns a fixed Xen boot log. Here an instance whose AMI carries the tag
   ``mobykit.image`` prints what our init prints, ``mobykit: ready <image id>`` (there is no real
   guest: the readiness line stands for a boot that succeeded).
-- RegisterImage: moto ignores TagSpecifications and BlockDeviceMappings; here the AMI gets its
-  tags and its root device boots the given snapshot (moto's auto-made snapshot is dropped).
+- RegisterImage: moto ignores TagSpecifications and BlockDeviceMappings and allows two AMIs of one
+  name; here the AMI gets its tags, its root device boots the given snapshot (moto's auto-made
+  snapshot is dropped) and a second AMI of a name is ``InvalidAMIName.Duplicate``, as on EC2.
 - EBS direct snapshots: moto marks them completed at StartSnapshot; here they stay ``pending``
   until CompleteSnapshot, as on AWS (another server must wait for an upload in progress).
-- RunInstances ClientToken: moto starts a new instance for a repeated token; here a repeated
-  token returns the first reservation, as EC2 does.
+- ClientToken of RunInstances and StartSnapshot: moto makes a new instance/snapshot for a repeated
+  token; here a repeated token returns the first one, as EC2 and EBS do.
 - ImportSnapshot / DescribeImportSnapshotTasks (moto answers 500): a task that completes at once,
   making a snapshot of the S3 object's size.
 """
@@ -130,6 +131,7 @@ def extend_moto() -> Iterator[None]:
     """Apply the backend extensions listed in the module docstring; undo them on exit."""
     from moto.core.responses import ActionResult
     from moto.ebs.models import EBSBackend
+    from moto.ebs.responses import EBSResponse
     from moto.ec2.models import EC2Backend
     from moto.ec2.responses.amis import AmisResponse
     from moto.ec2.responses.general import General
@@ -137,6 +139,7 @@ def extend_moto() -> Iterator[None]:
     from moto.ec2.utils import Base64EncodedString
 
     saved: list[tuple[Any, str, Any]] = []
+    tokens_lock = threading.Lock()
 
     def patch(owner: Any, name: str, value: Any) -> None:
         saved.append((owner, name, owner.__dict__[name]))
@@ -154,8 +157,14 @@ def extend_moto() -> Iterator[None]:
         return ActionResult({"InstanceId": instance.id, "Output": Base64EncodedString.from_raw_string(text)})
 
     def register_image(self: Any) -> Any:
+        from moto.ec2.exceptions import EC2ClientError
+
         self.error_on_dryrun()
-        image = self.ec2_backend.register_image(self._get_param("Name"), self._get_param("Description", ""))
+        name = self._get_param("Name")
+        for ami in list(self.ec2_backend.amis.values()):
+            if name and ami.name == name and ami.owner_id == self.current_account:
+                raise EC2ClientError("InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI {ami.id}")
+        image = self.ec2_backend.register_image(name, self._get_param("Description", ""))
         tags = self._parse_tag_specification().get("image", {})
         if tags:
             self.ec2_backend.create_tags([image.id], tags)
@@ -169,6 +178,18 @@ def extend_moto() -> Iterator[None]:
         return ActionResult({"ImageId": image.id})
 
     original_start, original_complete = EBSBackend.start_snapshot, EBSBackend.complete_snapshot
+    original_start_response = EBSResponse.start_snapshot
+    snapshot_tokens: dict[str, Any] = {}
+
+    def start_snapshot_response(self: Any) -> Any:
+        token = self._get_param("ClientToken")
+        with tokens_lock:
+            if token and token in snapshot_tokens:
+                return snapshot_tokens[token]
+            result = original_start_response(self)
+            if token:
+                snapshot_tokens[token] = result
+            return result
 
     def start_snapshot(self: Any, *args: Any, **kwargs: Any) -> Any:
         snap = original_start(self, *args, **kwargs)
@@ -182,7 +203,6 @@ def extend_moto() -> Iterator[None]:
         return out
 
     original_run = EC2Backend.run_instances
-    tokens_lock = threading.Lock()
 
     def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
         token = kwargs.get("client_token")
@@ -213,13 +233,14 @@ def extend_moto() -> Iterator[None]:
 
     def describe_import_snapshot_tasks(self: Any) -> Any:
         tasks = self.ec2_backend.__dict__.get("_mobykit_imports", {})
-        ids = self._get_multi_param("ImportTaskId") or list(tasks)
+        ids = self._get_param("ImportTaskIds", []) or list(tasks)
         return ActionResult({"ImportSnapshotTasks": [tasks[i] for i in ids if i in tasks]})
 
     patch(General, "get_console_output", get_console_output)
     patch(AmisResponse, "register_image", register_image)
     patch(EBSBackend, "start_snapshot", start_snapshot)
     patch(EBSBackend, "complete_snapshot", complete_snapshot)
+    patch(EBSResponse, "start_snapshot", start_snapshot_response)
     # run_instances comes from a mixin: set on EC2Backend itself, and removed again on exit.
     saved.append((EC2Backend, "run_instances", EC2Backend.__dict__.get("run_instances")))
     EC2Backend.run_instances = run_instances
@@ -248,7 +269,8 @@ def aws_env(url: str, region: str = "us-east-1") -> Iterator[None]:
     keys = {"AWS_ENDPOINT_URL": url, "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}  # moto's hundreds of public AMIs slow every listing
     drop = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
     old = {k: os.environ.get(k) for k in (*keys, *drop)}
     os.environ.update(keys)

@@ -1,0 +1,435 @@
+"""The AWS provider against moto in server mode, over boto3's real HTTP wire (no mocks in its path).
+
+moto runs in this process (``harness.moto_server``: ThreadedMotoServer behind a fault-injecting
+WSGI middleware), started once for the module and reset before every test; boto3 reaches it
+through ``AWS_ENDPOINT_URL``. moto is extended in this process where it lacks what AWS does
+(see ``harness/moto_server.py``): a console that prints our readiness line for instances of our
+AMIs (there is no guest: health mode ``console`` reads that line), RegisterImage tags and name
+uniqueness, pending EBS snapshots, ClientToken idempotency, ImportSnapshot.
+
+The group tests drive the real group controller, the real moby flavor (building the harness's
+small images) and the real InstanceCore over this provider.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from harness.images import SPEC, standard_images
+from harness.moto_server import MotoServer, aws_env, ec2_backend, extend_moto, sparse_disk
+from mobykit.core import paths
+from mobykit.core.instance import InstanceCore
+from mobykit.errors import FailedPrecondition, InvalidArgument
+from mobykit.flavor.moby import MobyFlavor
+from mobykit.group.controller import GroupController, Options
+from mobykit.group.spec import parse as parse_group
+from mobykit.image.cache import Cache
+from mobykit.providers.aws import AWSProvider
+from mobykit.providers.aws.blocks import BLOCK
+from mobykit.providers.base import BootImage, MachineSpec
+from mobykit.spi.group import GroupSpec
+from mobykit.spi.types import Spec
+
+REGION = "us-east-1"
+IMAGE_TAG = "mobykit.image"
+GROUP_TAG = "infrakit.group"
+WAIT = 120.0
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer()
+    server.start()
+    try:
+        with extend_moto():
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws(moto: MotoServer) -> Iterator[MotoServer]:
+    moto.reset()
+    with aws_env(moto.url, REGION):
+        yield moto
+    moto.reset()
+
+
+def provider(**config) -> AWSProvider:
+    p = AWSProvider(config)
+    p.poll = 0.05
+    return p
+
+
+def fake_image(tmp_path: Path, seed: str = "a", size: int = 1 << 30) -> BootImage:
+    """A BootImage whose ``aws`` format is a sparse disk (1 GiB) with a few MiB of data."""
+    disk = tmp_path / f"{seed}.raw"
+    sparse_disk(disk, size, {0: b"\xeb" * 700, 4 << 20: os.urandom(3 * BLOCK + 17), size - 3 * 9: b"end" * 9})
+    image_id = "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
+    return BootImage(id=image_id, name=seed, kernel=disk, initrd=disk, cmdline="",
+                     files=lambda name, size=None: [disk])
+
+
+def ec2():
+    return boto3.client("ec2")
+
+
+def tagged_amis(image_id: str | None = None) -> list[dict]:
+    filters = [{"Name": f"tag:{IMAGE_TAG}", "Values": [image_id] if image_id else ["*"]}]
+    return ec2().describe_images(Owners=["self"], Filters=filters)["Images"]
+
+
+def tagged_snapshots(image_id: str | None = None) -> list[dict]:
+    filters = [{"Name": f"tag:{IMAGE_TAG}", "Values": [image_id] if image_id else ["*"]}]
+    return ec2().describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"]
+
+
+def backend_instances(group: str | None = None, live: bool = True) -> list:
+    """Every instance moto holds (read in this process, without going through the provider)."""
+    for _ in range(20):
+        try:
+            out = []
+            for r in list(ec2_backend(REGION).reservations.values()):
+                for i in list(r.instances):
+                    tags = {t["key"]: t["value"] for t in i.get_tags()}
+                    if group is not None and tags.get(GROUP_TAG) != group:
+                        continue
+                    if live and i._state.name not in ("pending", "running"):
+                        continue
+                    out.append(i)
+            return out
+        except RuntimeError:  # a dict changed size under us: the server is busy, read again
+            time.sleep(0.001)
+    raise AssertionError("could not read moto's instances")
+
+
+def wait_until(cond, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        time.sleep(0.05)
+
+
+# -- properties ----------------------------------------------------------------------------------
+
+
+INFRAKIT_PROPERTIES = {  # the shape Infrakit's AWS instance plugin reads, as its users wrote it
+    "RunInstancesInput": {
+        "ImageId": "ami-12345678", "InstanceType": "t2.micro", "KeyName": "ops",
+        "SubnetId": "subnet-1", "SecurityGroupIds": ["sg-1"],
+        "IamInstanceProfile": {"Name": "worker"}, "Placement": {"AvailabilityZone": "us-east-1a"},
+        "BlockDeviceMappings": [{"DeviceName": "/dev/sdb", "Ebs": {"VolumeSize": 20, "VolumeType": "gp2",
+                                                                   "DeleteOnTermination": True}}],
+        "UserData": base64.b64encode(b"#!/bin/sh\necho hi\n").decode(),
+        "Monitoring": {"Enabled": False},
+    },
+    "Tags": {"env": "prod"},
+}
+
+
+def test_infrakit_aws_properties_validate_as_they_are():
+    AWSProvider({}).validate(INFRAKIT_PROPERTIES)
+    AWSProvider({}).validate({"Image": "sha256:" + "0" * 64, "Region": "eu-west-1",
+                              "RunInstancesInput": {"NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": "s"}]}})
+
+
+@pytest.mark.parametrize("props,names", [
+    ({"RunInstancesInput": {"InstanceTyp": "t3.micro", "ImageId": "ami-1"}},
+     "Properties.RunInstancesInput.InstanceTyp: unknown field of RunInstancesRequest (did you mean"),
+    ({"RunInstancesInput": {"ImageId": "ami-1", "Placement": {"AvailabilityZon": "a"}}},
+     "Properties.RunInstancesInput.Placement.AvailabilityZon: unknown field"),
+    ({"RunInstancesInput": {"ImageId": "ami-1", "SecurityGroupIds": "sg-1"}},
+     "Properties.RunInstancesInput.SecurityGroupIds: must be a list"),
+    ({"RunInstancesInput": {"ImageId": "ami-1", "EbsOptimized": "yes"}},
+     "Properties.RunInstancesInput.EbsOptimized: must be a boolean"),
+    ({"RunInstancesInput": {"ImageId": "ami-1", "InstanceType": 3}},
+     "Properties.RunInstancesInput.InstanceType: must be a string"),
+    ({"RunInstancesInput": {"ImageId": "ami-1", "InstanceType": "t3.gigantic"}},
+     "Properties.RunInstancesInput.InstanceType: 't3.gigantic' is not one of"),
+    ({"RunInstancesInput": {"ImageId": "ami-1", "MaxCount": 5}}, "Properties.RunInstancesInput.MaxCount: set by"),
+    ({"RunInstancesInput": {"ImageId": "ami-1"}, "Tagz": {}}, "Properties.Tagz: unknown key for aws"),
+    ({"RunInstancesInput": {"ImageId": "ami-1"}, "Tags": {"a": 1}}, "Properties.Tags: must be an object of strings"),
+    ({"RunInstancesInput": {"ImageId": "ami-1"}, "Region": "mars-north-1"}, "Properties.Region: unknown region"),
+    ({"Image": "latest"}, "Properties.Image: 'latest' is not a built image id"),
+    ({"RunInstancesInput": {}}, "Properties: Image (a built image id"),
+])
+def test_bad_properties_name_the_key(props, names):
+    with pytest.raises(InvalidArgument) as e:
+        AWSProvider({}).validate(props)
+    assert names in str(e.value)
+
+
+@pytest.mark.parametrize("config,names", [
+    ({"Regoin": "x"}, "providers.aws: unknown key(s) Regoin"),
+    ({"Import": "ftp"}, "providers.aws.Import: 'ftp'"),
+    ({"Import": "s3"}, "providers.aws.Bucket: required"),
+    ({"Region": "nowhere-1"}, "providers.aws.Region: unknown region"),
+])
+def test_bad_config_names_the_key(config, names):
+    with pytest.raises(InvalidArgument) as e:
+        AWSProvider(config)
+    assert names in str(e.value)
+
+
+# -- publishing ----------------------------------------------------------------------------------
+
+
+def test_publish_uploads_nonzero_blocks_once_with_checksums(aws, tmp_path):
+    p = provider()
+    image = fake_image(tmp_path)
+    ami = p.publish_image(image, {"Image": image.id})
+    assert p.publish_image(image, {"Image": image.id}) == ami  # remembered
+    assert provider().publish_image(image, {"Image": image.id}) == ami  # found again by tag, by a new server
+    assert p.publisher().uploads == 1
+    [snap] = tagged_snapshots(image.id)
+    assert snap["State"] == "completed"
+    [registered] = tagged_amis(image.id)
+    assert registered["ImageId"] == ami
+    assert registered["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == snap["SnapshotId"]
+    from moto.ebs.models import ebs_backends
+
+    blocks = ebs_backends["123456789012"][REGION].snapshots[snap["SnapshotId"]].blocks
+    assert set(blocks) == {0, 8, 9, 10, 11, 2047}  # where fake_image wrote: the zeros of 1 GiB are never sent
+    with open(image.kernel, "rb") as disk:
+        for index, block in blocks.items():
+            assert len(block.block_data) == BLOCK and block.data_length == BLOCK
+            assert block.checksum_algorithm == "SHA256"
+            assert block.checksum == base64.b64encode(hashlib.sha256(block.block_data).digest()).decode()
+            assert block.block_data == os.pread(disk.fileno(), BLOCK, index * BLOCK)
+
+
+def test_two_servers_publishing_at_once_upload_once(aws, tmp_path):
+    image = fake_image(tmp_path, "b")
+    servers = [provider(), provider()]
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+
+    def publish(p: AWSProvider) -> None:
+        barrier.wait()
+        results.append(p.publish_image(image, {"Image": image.id}))
+
+    threads = [threading.Thread(target=publish, args=(p,)) for p in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert len(results) == 2 and results[0] == results[1]
+    assert sum(p.publisher().uploads for p in servers) == 1
+    assert len(tagged_amis(image.id)) == 1 and len(tagged_snapshots(image.id)) == 1
+
+
+def test_explicit_image_id_wins_and_nothing_is_published(aws, tmp_path):
+    p = provider()
+    image = fake_image(tmp_path)
+    ami = ec2().register_image(Name="someone-elses")["ImageId"]
+    props = {"Image": image.id, "RunInstancesInput": {"ImageId": ami}}
+    assert p.publish_image(image, props) == ami
+    m = p.create(MachineSpec(props, {"a": "1"}))
+    assert m.properties["ImageId"] == ami and tagged_amis() == [] and tagged_snapshots() == []
+
+
+def test_import_from_s3_is_the_alternative(aws, tmp_path):
+    boto3.client("s3").create_bucket(Bucket="images")
+    p = provider(Import="s3", Bucket="images")
+    image = fake_image(tmp_path, "s3", 16 << 20)  # small: moto's S3 keeps every byte
+    ami = p.publish_image(image, {"Image": image.id})
+    [snap] = tagged_snapshots(image.id)
+    assert tagged_amis(image.id)[0]["ImageId"] == ami and snap["VolumeSize"] == 1
+    assert boto3.client("s3").list_objects_v2(Bucket="images").get("KeyCount") == 0  # the upload is removed
+
+
+# -- instances -----------------------------------------------------------------------------------
+
+
+def test_instances_are_tagged_at_launch_listed_by_tag_labelled_and_destroyed(aws, tmp_path):
+    p = provider()
+    image = fake_image(tmp_path)
+    props = {"Image": image.id, "Tags": {"team": "infra"},
+             "RunInstancesInput": {"InstanceType": "t3.micro", "Placement": {"AvailabilityZone": "us-east-1b"}}}
+    p.publish_image(image, props)
+    m = p.create(MachineSpec(props, {GROUP_TAG: "g", "team": "group-wins"}, "#!/bin/sh\necho init\n", "10.0.0.7"))
+    [inst] = backend_instances("g")
+    tags = {t["key"]: t["value"] for t in inst.get_tags()}
+    assert tags == {GROUP_TAG: "g", "team": "group-wins", IMAGE_TAG: image.id, "mobykit.logical_id": "10.0.0.7"}
+    assert m.logical_id == "10.0.0.7" and inst.private_ip == "10.0.0.7"
+    user_data = ec2().describe_instance_attribute(InstanceId=m.id, Attribute="userData")["UserData"]["Value"]
+    assert base64.b64decode(user_data).decode() == "#!/bin/sh\necho init\n"  # the init, encoded once
+    assert inst.instance_type == "t3.micro" and m.properties["Placement"] == "us-east-1b"
+    p.create(MachineSpec(props, {GROUP_TAG: "other"}))
+    assert [x.id for x in p.list({GROUP_TAG: "g"})] == [m.id]
+    assert {x.id for x in p.list({})} >= {m.id}
+    assert f"mobykit: ready {image.id}" in p.console_output(m.id)
+
+    ec2().create_tags(Resources=[m.id], Tags=[{"Key": "aws:cloudformation:stack-name", "Value": "s"}])
+    p.set_tags(m.id, {GROUP_TAG: "g", "new": "1"})
+    tags = {t["Key"]: t["Value"] for t in ec2().describe_tags(
+        Filters=[{"Name": "resource-id", "Values": [m.id]}])["Tags"]}
+    assert tags == {GROUP_TAG: "g", "new": "1", "aws:cloudformation:stack-name": "s"}
+    p.destroy(m.id)
+    p.destroy(m.id)  # idempotent
+    p.destroy("i-0123456789abcdef0")  # never existed: success too
+    assert p.list({GROUP_TAG: "g"}) == []
+
+
+def test_a_retried_runinstances_whose_answer_was_lost_starts_one_instance(aws, tmp_path):
+    p = provider()
+    image = fake_image(tmp_path)
+    props = {"Image": image.id}
+    p.publish_image(image, props)
+    aws.faults.kinds, aws.faults.rate = ("lost",), 0.6  # most answers lost after the call was served
+    try:
+        made = [p.create(MachineSpec(props, {GROUP_TAG: "lost"})).id for _ in range(4)]
+    finally:
+        aws.faults.rate, aws.faults.kinds = 0.0, ("throttle", "503", "lost")
+    assert aws.faults.injected.get("lost", 0) > 0
+    assert sorted(i.id for i in backend_instances("lost", live=False)) == sorted(made)
+
+
+# -- bad input through the core: one clear error, nothing created ----------------------------------
+
+
+def test_bad_input_through_the_core_creates_nothing(aws, tmp_path, monkeypatch):
+    core = InstanceCore({"default_provider": "aws"}, providers={"aws": provider()})
+    image = "sha256:" + "1" * 64
+    with pytest.raises(InvalidArgument, match=r"Properties\.RunInstancesInput\.InstanceType: must be a string"):
+        core.provision("aws", Spec(properties={"Image": image, "RunInstancesInput": {"InstanceType": 2}}))
+    with pytest.raises(InvalidArgument, match=r"Properties\.Region: unknown region 'us-moon-1'"):
+        core.provision("aws", Spec(properties={"Image": image, "Region": "us-moon-1"}))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    bare = InstanceCore({"default_provider": "aws"}, providers={"aws": provider()})
+    with pytest.raises(FailedPrecondition, match="AWS credentials: none found"):
+        bare.provision("aws", Spec(properties={"RunInstancesInput": {"ImageId": "ami-12345678"}}))
+    assert backend_instances(live=False) == [] and tagged_amis() == [] and tagged_snapshots() == []
+
+
+# -- groups --------------------------------------------------------------------------------------
+
+
+def group(spec_path: Path, size: int, updating: dict | None = None) -> GroupSpec:
+    props = {
+        "Allocation": {"Size": size},
+        "Instance": {"Plugin": "mobykit/aws", "Properties": {"RunInstancesInput": {"InstanceType": "t3.micro"},
+                                                             "Tags": {"team": "infra"}}},
+        "Flavor": {"Plugin": "mobykit/moby", "Properties": {"Image": str(spec_path),
+                                                            "Health": {"Mode": "console", "Deadline": "60s"}}},
+        "Updating": updating or {"MaxSurge": 1, "MaxUnavailable": 0},
+    }
+    return GroupSpec(id="workers", properties=props)
+
+
+class Bounds:
+    """Samples moto's live instances of the group every few ms and keeps the extremes."""
+
+    def __init__(self) -> None:
+        self.most, self.least = 0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            n = len(backend_instances("workers"))
+            self.most = max(self.most, n)
+            self.least = n if self.least is None else min(self.least, n)
+            time.sleep(0.002)
+
+    def __enter__(self) -> Bounds:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def world(aws, tmp_path) -> Iterator[dict]:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "app.json").write_text('{"app": true}\n')
+    (root / "v1.yml").write_text(SPEC)
+    (root / "v2.yml").write_text(SPEC.replace("welcome", "welcome to v2"))
+    cache = Cache(tmp_path / "cache")
+    standard_images(cache)
+    config = {"cache": str(cache.root), "default_provider": "aws", "providers": {"aws": {}}}
+    aws_provider = provider()
+    core = InstanceCore(config, providers={"aws": aws_provider})
+    flavor = MobyFlavor(config, instances=core)
+    controllers: list[GroupController] = []
+
+    def start(spec: GroupSpec) -> GroupController:
+        ctl = GroupController(parse_group(spec), core, flavor, options=Options(poll_interval=0.2, backoff_initial=0.2))
+        controllers.append(ctl)
+        ctl.start()
+        return ctl
+
+    with paths.using(paths.PathPolicy.under([root])):
+        try:
+            yield {"root": root, "provider": aws_provider, "start": start}
+        finally:
+            for ctl in controllers:
+                ctl.stop()
+            flavor.close()
+
+
+def converge(ctl: GroupController, size: int) -> None:
+    wait_until(lambda: ctl.status().converged and len(backend_instances("workers")) == size,
+               f"group converged at {size}: {ctl.status()}")
+
+
+def run_group_lifecycle(world: dict, aws: MotoServer) -> dict:
+    """3 instances, a roll to a new image, then size 0; returns what happened."""
+    ctl = world["start"](group(world["root"] / "v1.yml", 3))
+    converge(ctl, 3)
+    first = {i.id for i in backend_instances("workers")}
+    old_image = {t["value"] for i in backend_instances("workers") for t in i.get_tags() if t["key"] == IMAGE_TAG}
+    with Bounds() as bounds:
+        ctl.update(parse_group(group(world["root"] / "v2.yml", 3)))
+        wait_until(lambda: ctl.status().converged and not first & {i.id for i in backend_instances("workers")}
+                   and len(backend_instances("workers")) == 3, f"rolled: {ctl.status()}")
+    new_image = {t["value"] for i in backend_instances("workers") for t in i.get_tags() if t["key"] == IMAGE_TAG}
+    ctl.set_size(0)
+    wait_until(lambda: ctl.status().converged and backend_instances("workers") == [], "scaled to 0")
+    return {"old": old_image, "new": new_image, "bounds": bounds, "first": first}
+
+
+def assert_clean(world: dict, seen: dict) -> None:
+    [old], [new] = seen["old"], seen["new"]
+    assert old != new
+    assert world["provider"].publisher().uploads == 2  # one upload per image, ever
+    for image in (old, new):
+        assert len(tagged_amis(image)) == 1 and len(tagged_snapshots(image)) == 1
+    assert all(s["State"] == "completed" for s in tagged_snapshots())
+    # No duplicate: every instance ever started was asked for by one Provision (6 = 3 + 3 replacements).
+    everything = backend_instances("workers", live=False)
+    assert len(everything) == 6, [i.id for i in everything]
+    assert all(i._state.name in ("terminated", "shutting-down") for i in everything)  # none leaked
+
+
+def test_a_group_converges_rolls_to_a_new_image_and_scales_to_zero(world, aws):
+    seen = run_group_lifecycle(world, aws)
+    assert seen["bounds"].most <= 3 + 1 and seen["bounds"].least >= 3  # MaxSurge 1, MaxUnavailable 0
+    assert_clean(world, seen)
+
+
+def test_with_throttling_and_5xx_on_a_fifth_of_calls_the_group_still_converges_and_rolls(world, aws):
+    aws.faults.rate = 0.2
+    seen = run_group_lifecycle(world, aws)
+    injected = dict(aws.faults.injected)
+    aws.faults.rate = 0.0
+    assert sum(injected.values()) >= 10 and set(injected) == {"throttle", "503", "lost"}, injected
+    assert seen["bounds"].most <= 3 + 1 and seen["bounds"].least >= 3
+    assert_clean(world, seen)
