@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
+from mobykit.errors import FailedPrecondition
 from mobykit.providers.aws import instances
 from mobykit.providers.aws.clients import ClientCache, Clients
+from mobykit.providers.aws.console import ConsoleReads
 from mobykit.providers.aws.properties import (
     IMAGE_TAG,
     LOGICAL_ID_TAG,
@@ -37,6 +39,7 @@ class AWSProvider:
         self._lock = threading.Lock()
         self._publishers: dict[str, Publisher] = {}
         self._amis: dict[tuple[str, str], str] = {}  # (region, image id) -> AMI, once published
+        self.consoles = ConsoleReads(lambda iid: instances.console(self._clients().ec2, iid))
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -86,13 +89,11 @@ class AWSProvider:
             known = self._amis.get((region, props.image))
         if known:
             return known
-        ami = self.publisher(region)._first(self.publisher(region)._amis(props.image))
+        ami = self.publisher(region).find(props.image)
         if ami is None:
-            from mobykit.errors import FailedPrecondition
-
             raise FailedPrecondition(f"image {props.image} is not published to {region} (the core publishes "
                                      "built images before Provision)")
-        return ami["ImageId"]
+        return ami
 
     def create(self, spec: MachineSpec) -> Machine:
         props = parse(spec.properties)
@@ -128,7 +129,13 @@ class AWSProvider:
         instances.terminate(self._clients().ec2, id)
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
-        return instances.describe(self._clients().ec2, dict(tags))
+        found = instances.describe(self._clients().ec2, dict(tags))
+        if tags:  # a group's listing: its health checks read these consoles next (console.py)
+            self.consoles.prefetch([m.id for m in found])
+        return found
 
     def console_output(self, id: str) -> str:
-        return instances.console(self._clients().ec2, id)
+        return self.consoles.get(id)
+
+    def close(self) -> None:
+        self.consoles.close()

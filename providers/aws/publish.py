@@ -68,6 +68,11 @@ class Publisher:
             snapshot = self._snapshot(image)
             return self._register(image, snapshot)
 
+    def find(self, image_id: str) -> str | None:
+        """The AMI already published for ``image_id`` (the earliest, if several), or None."""
+        ami = self._first(self._amis(image_id))
+        return ami["ImageId"] if ami is not None else None
+
     # -- lookups --------------------------------------------------------------------------------
 
     def _tag_filter(self, image_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,191 @@
+"""AWS provider benchmark against a local moto server: AMI publish throughput and group converge time.
+
+    .venv/bin/python bench/bench_aws.py [--data-mib 128] [--rtt-ms 20,50] [--latency-ms 200] [--size 20]
+
+moto runs in a child process (``--serve``: ThreadedMotoServer behind the tests' fault/latency
+middleware and moto extensions, ``tests/harness/moto_server.py``) so the server does not share
+this process's GIL with the client being measured.
+
+1. Publish: a 1 GiB sparse ``aws`` disk with ``--data-mib`` of non-zero data is published twice
+   in the same run, as two image ids with the same blocks: once with parallel PutSnapshotBlock
+   (the provider's default) and once strictly one block at a time (``parallel=1``), both through
+   the same code (StartSnapshot, 512 KiB blocks with SHA256, CompleteSnapshot, RegisterImage).
+   Measured with no added latency and with each ``--rtt-ms`` per call (a network round trip:
+   localhost has none, the real service always does). Without latency both are bound by moto's own
+   CPU per block (one Python process, ~14 ms a block here, on 2 shared cores), not by the client.
+2. Converge: the real group controller, moby flavor and InstanceCore over the provider, every AWS
+   call delayed by ``--latency-ms``; time for 0 -> 1 and 0 -> ``--size`` (the AMI published before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+MIB = 1 << 20
+
+
+def serve(latency: float) -> None:
+    """Child mode: run moto with ``latency`` seconds per call until stdin closes."""
+    from harness.moto_server import MotoServer, extend_moto
+
+    os.environ["MOTO_EC2_LOAD_DEFAULT_AMIS"] = "false"
+    server = MotoServer()
+    server.start()
+    server.faults.latency = latency
+    with extend_moto():
+        print(server.url, flush=True)
+        sys.stdin.read()
+    server.stop()
+
+
+@contextlib.contextmanager
+def moto(latency: float) -> Iterator[str]:
+    """A moto child process; yields its URL, and stops it (by closing its stdin, then by PID)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(latency)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http"):
+            raise SystemExit("bench: moto did not start")
+        from harness.moto_server import aws_env
+
+        with aws_env(url):
+            yield url
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def disk(path: Path, data_mib: int) -> None:
+    """1 GiB, ``data_mib`` of random data in 4 MiB runs spread over it, the rest holes."""
+    from harness.moto_server import sparse_disk
+
+    runs = max(1, data_mib // 4)
+    stride = (1 << 30) // runs
+    sparse_disk(path, 1 << 30, {i * stride: os.urandom(4 * MIB) for i in range(runs)})
+
+
+def publish_once(path: Path, seed: str, parallel: int) -> float:
+    import hashlib
+
+    from mobykit.providers.aws import AWSProvider
+    from mobykit.providers.base import BootImage
+
+    image = BootImage(id="sha256:" + hashlib.sha256(seed.encode()).hexdigest(), name=seed, kernel=path,
+                      initrd=path, cmdline="", files=lambda name, size=None: [path])
+    p = AWSProvider({})
+    p.poll, p.parallel = 0.05, parallel
+    t0 = time.perf_counter()
+    p.publish_image(image, {"Image": image.id})
+    return time.perf_counter() - t0
+
+
+def bench_publish(data_mib: int, rtts: list[float]) -> None:
+    from mobykit.providers.aws.blocks import PARALLEL
+
+    with tempfile.TemporaryDirectory(prefix="bench-aws-") as tmp:
+        path = Path(tmp) / "image.raw"
+        disk(path, data_mib)
+        print(f"publish: 1024 MiB disk, {data_mib} MiB of data ({data_mib * 2} blocks of 512 KiB), rest zeros")
+        print(f"{'added latency':>14} {'mode':>22} {'seconds':>8} {'disk MB/s':>10} {'data MB/s':>10} {'x':>6}")
+        for latency in (0.0, *rtts):
+            with moto(latency):
+                seq = publish_once(path, f"seq-{latency}", 1)
+                par = publish_once(path, f"par-{latency}", PARALLEL)
+            for mode, t in (("sequential", seq), (f"parallel ({PARALLEL})", par)):
+                print(f"{latency * 1000:>12.0f}ms {mode:>22} {t:>8.2f} {1024 * MIB / t / 1e6:>10.0f} "
+                      f"{data_mib * MIB / t / 1e6:>10.1f} {seq / t:>6.1f}")
+
+
+def bench_converge(latency: float, size: int) -> None:
+    from harness.images import SPEC, standard_images
+    from mobykit.core import paths
+    from mobykit.core.instance import InstanceCore
+    from mobykit.flavor.moby import MobyFlavor
+    from mobykit.group.controller import GroupController, Options
+    from mobykit.group.spec import parse
+    from mobykit.image.cache import Cache
+    from mobykit.providers.aws import AWSProvider
+    from mobykit.spi.group import GroupSpec
+
+    with tempfile.TemporaryDirectory(prefix="bench-aws-") as tmp, moto(latency):
+        root = Path(tmp) / "root"
+        root.mkdir()
+        (root / "app.json").write_text("{}\n")
+        (root / "spec.yml").write_text(SPEC)
+        cache = Cache(Path(tmp) / "cache")
+        standard_images(cache)
+        config = {"cache": str(cache.root), "default_provider": "aws", "providers": {"aws": {}}}
+        provider = AWSProvider({})
+        provider.poll = 0.05
+        core = InstanceCore(config, providers={"aws": provider})
+        flavor = MobyFlavor(config, instances=core)
+
+        def converge(name: str, n: int) -> float:
+            props = {"Allocation": {"Size": n},
+                     "Instance": {"Plugin": "mobykit/aws", "Properties": {"RunInstancesInput": {"InstanceType": "t3.micro"}}},
+                     "Flavor": {"Plugin": "mobykit/moby", "Properties": {"Image": str(root / "spec.yml")}}}
+            ctl = GroupController(parse(GroupSpec(name, props)), core, flavor,
+                                  options=Options(poll_interval=1.0, max_parallel=max(16, n)))
+            t0 = time.perf_counter()
+            ctl.start()
+            try:
+                end = t0 + 300
+                while not (ctl.status().converged and ctl.status().healthy == n):
+                    if time.perf_counter() > end:
+                        raise SystemExit(f"bench: {name} did not converge: {ctl.status()}")
+                    time.sleep(0.01)
+                return time.perf_counter() - t0
+            finally:
+                ctl.stop()
+
+        with paths.using(paths.PathPolicy.under([root])):
+            warm = converge("warm", 1)  # builds the image and publishes the AMI
+            one = converge("one", 1)
+            many = converge("many", size)
+        flavor.close()
+        provider.close()
+    print(f"\nconverge with {latency * 1000:.0f} ms per AWS call (AMI already published; first group, "
+          f"which published it: {warm:.2f} s)")
+    print(f"{'instances':>10} {'seconds':>8} {'x one':>6}")
+    print(f"{1:>10} {one:>8.2f} {1.0:>6.2f}")
+    print(f"{size:>10} {many:>8.2f} {many / one:>6.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--data-mib", type=int, default=128)
+    ap.add_argument("--rtt-ms", default="20,50", help="comma-separated added latencies for the publish runs")
+    ap.add_argument("--latency-ms", type=float, default=200.0)
+    ap.add_argument("--size", type=int, default=20)
+    args = ap.parse_args()
+    if args.serve is not None:
+        serve(args.serve)
+        return 0
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    bench_publish(args.data_mib, [float(x) / 1000 for x in args.rtt_ms.split(",") if x])
+    bench_converge(args.latency_ms / 1000, args.size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
