@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 MAX_AGE = 2.0  # seconds a prefetched console may be handed out after its read started
 LIMIT = 100  # instances a listing may hold for its consoles to be prefetched
-PARALLEL = 16
+PARALLEL = 32  # a group of 20 reads every console in one wave
 
 
 @dataclass
