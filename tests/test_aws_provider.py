@@ -433,3 +433,31 @@ def test_with_throttling_and_5xx_on_a_fifth_of_calls_the_group_still_converges_a
     assert sum(injected.values()) >= 10 and set(injected) == {"throttle", "503", "lost"}, injected
     assert seen["bounds"].most <= 3 + 1 and seen["bounds"].least >= 3
     assert_clean(world, seen)
+
+
+# -- console reads ---------------------------------------------------------------------------------
+
+
+def test_console_reads_prefetched_by_a_listing_are_used_only_while_young():
+    from mobykit.providers.aws.console import ConsoleReads
+
+    now = [100.0]
+    reads: list[str] = []
+
+    def read(iid: str) -> str:
+        reads.append(iid)
+        return f"console of {iid} read #{len(reads)}"
+
+    consoles = ConsoleReads(read, max_age=2.0, clock=lambda: now[0])
+    try:
+        consoles.prefetch(["i-1", "i-2"])
+        assert consoles.get("i-1").startswith("console of i-1")
+        wait_until(lambda: len(reads) == 2, "both prefetched", 10)
+        assert sorted(reads) == ["i-1", "i-2"]  # both read once, by the listing
+        assert consoles.get("i-1") == "console of i-1 read #3"  # a prefetched read serves one caller
+        now[0] += 2.5
+        assert consoles.get("i-2") == "console of i-2 read #4"  # too old: read afresh
+        consoles.prefetch([f"i-{n}" for n in range(200)])  # a scan, not a group: nothing prefetched
+        assert len(reads) == 4
+    finally:
+        consoles.close()
