@@ -109,41 +109,56 @@ class ConsoleReader:
     """Serial port 1 of instances, read in parallel ahead of the health checks.
 
     Why: the group controller asks each instance's health one after the other, and each answer is an
-    API round trip; with 20 instances and a slow API a pass would take 20 round trips. So ``list``
-    starts a read of every running instance's console in the background, and ``read`` hands out a
-    read started less than ``fresh`` seconds ago (waiting for it if it is still running) instead of
-    making its own. Health lags the console by at most ``fresh`` seconds, less than a poll interval.
+    API round trip; with 20 instances and a slow API a pass would take 20 round trips. So ``listed``
+    (every listing) starts a read of each running instance's console in the background, and ``read``
+    hands out a read started less than ``fresh`` seconds ago (waiting for it if it is still running)
+    instead of making its own; an instance the last listing showed still booting has printed nothing
+    yet, so its console is "" without a call. Health lags by at most ``fresh``, under a poll interval.
     """
 
     fetch: Any  # (instance id) -> str, raising NotFound when gone
     fresh: float = 2.0
-    workers: int = 16
+    workers: int = 32
     _reads: dict[str, _Read] = field(default_factory=dict)
+    _booting: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="gcp-console")
 
-    def prefetch(self, ids: list[str]) -> None:
+    def listed(self, machines: list[Machine]) -> None:
         now = time.monotonic()
         with self._lock:
-            for iid in ids:
-                current = self._reads.get(iid)
+            for m in machines:
+                if m.state == "pending":
+                    self._booting[m.id] = now
+                    continue
+                self._booting.pop(m.id, None)
+                if m.state != "running":
+                    continue
+                current = self._reads.get(m.id)
                 if current is None or now - current.started >= self.fresh:
-                    self._reads[iid] = _Read(now, self._pool.submit(self.fetch, iid))
-            for old in [i for i, r in self._reads.items() if now - r.started >= 10 * self.fresh]:
-                del self._reads[old]  # instances no listing shows any more
+                    self._reads[m.id] = _Read(now, self._pool.submit(self.fetch, m.id))
+            for table in (self._reads, self._booting):
+                for old in [i for i, v in table.items() if now - (v.started if isinstance(v, _Read) else v)
+                            >= 10 * self.fresh]:
+                    del table[old]  # instances no listing shows any more
 
     def read(self, iid: str) -> str:
+        now = time.monotonic()
         with self._lock:
             current = self._reads.get(iid)
-        if current is not None and time.monotonic() - current.started < self.fresh:
+            booting = self._booting.get(iid)
+        if booting is not None and now - booting < self.fresh:
+            return ""
+        if current is not None and now - current.started < self.fresh:
             return current.future.result()
         return self.fetch(iid)
 
     def forget(self, iid: str) -> None:
         with self._lock:
             self._reads.pop(iid, None)
+            self._booting.pop(iid, None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

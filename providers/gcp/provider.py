@@ -59,6 +59,7 @@ class GCPProvider:
         self._known_zones: set[tuple[str, str]] = set()
         self._zone_of: dict[str, str] = {}  # instance name -> zone, from our creates and listings
         self._zones_used: set[str] = set()
+        self._creating: set[str] = set()  # names whose create() has not returned: not listed yet
         self._publishers: dict[str, Publisher] = {}
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="gcp-zones")
         self.console = ConsoleReader(self._fetch_console)
@@ -161,6 +162,7 @@ class GCPProvider:
                            user_data=spec.user_data, logical_id=spec.logical_id)
         with self._lock:
             self._zones_used.add(zone)
+            self._creating.add(name)
         try:
             # One requestId for every retry of this insert: a retry after a lost answer is the same insert.
             op = compute.call(compute.instances.insert_unary, f"instances.insert {name}", project=project,
@@ -177,16 +179,21 @@ class GCPProvider:
             except Exception as cleanup:  # the caller learns of the first error; this one is logged
                 log.warning("gcp: could not remove %s after a failed create: %s", name, cleanup)
             raise
+        finally:
+            with self._lock:
+                self._creating.discard(name)
         with self._lock:
             self._zone_of[name] = zone
         return machine(inst, zone)
 
-    def _locate(self, name: str) -> tuple[str, str] | None:
-        """(project, zone) of instance ``name``, or None when no zone has it."""
+    def _locate(self, name: str, fresh: bool = False) -> tuple[str, str] | None:
+        """(project, zone) of instance ``name``, or None when no zone has it. The zone a create or a
+        listing saw is trusted without a call (``fresh`` asks every zone again, after a 404 there)."""
         project = self.project()
         with self._lock:
-            zone = self._zone_of.get(name)
-        candidates = [zone] if zone else self.zones()
+            zone = None if fresh else self._zone_of.get(name)
+        if zone:
+            return project, zone
         compute = self.compute()
 
         def probe(z: str) -> str | None:
@@ -196,22 +203,32 @@ class GCPProvider:
             except NotFound:
                 return None
 
-        for found in self._pool.map(probe, candidates):
+        for found in self._pool.map(probe, self.zones()):
             if found:
                 with self._lock:
                     self._zone_of[name] = found
                 return project, found
-        if zone:  # it moved or went: look everywhere once
-            with self._lock:
-                self._zone_of.pop(name, None)
-            return self._locate(name) if self.zones() != [zone] else None
+        with self._lock:
+            self._zone_of.pop(name, None)
         return None
 
-    def set_tags(self, id: str, tags: dict[str, str]) -> None:
-        where = self._locate(id)
+    def _in_zone(self, name: str, action):
+        """``action(project, zone)`` where the instance is; a 404 in a remembered zone looks everywhere once."""
+        where = self._locate(name)
         if where is None:
-            raise NotFound(f"instance {id!r} not found")
-        project, zone = where
+            raise NotFound(f"instance {name!r} not found")
+        try:
+            return action(*where)
+        except NotFound:
+            again = self._locate(name, fresh=True)
+            if again is None or again == where:
+                raise
+            return action(*again)
+
+    def set_tags(self, id: str, tags: dict[str, str]) -> None:
+        self._in_zone(id, lambda project, zone: self._set_tags(project, zone, id, tags))
+
+    def _set_tags(self, project: str, zone: str, id: str, tags: dict[str, str]) -> None:
         compute = self.compute()
         labels = to_labels(tags)
 
@@ -238,23 +255,25 @@ class GCPProvider:
         gretry.Retry(predicate=gretry.if_exception_type(gexc.PreconditionFailed), initial=0.05, maximum=1.0,
                      timeout=60)(attempt)()
 
-    def _delete(self, project: str, zone: str, name: str) -> None:
+    def _delete(self, project: str, zone: str, name: str, missing_ok: bool = True) -> None:
         compute = self.compute()
         try:
             op = compute.call(compute.instances.delete_unary, f"instances.delete {name}", project=project, zone=zone,
                               instance=name, request_id=str(uuid.uuid4()))
             compute.wait(op, project, zone, f"instances.delete {name}")
         except NotFound:
-            pass  # gone is success
+            if not missing_ok:
+                raise
         with self._lock:
             self._zone_of.pop(name, None)
         self.console.forget(name)
 
     def destroy(self, id: str) -> None:
         """Delete the instance (its auto-delete disks go with it) and wait until it is gone."""
-        where = self._locate(id)
-        if where is not None:
-            self._delete(where[0], where[1], id)
+        try:
+            self._in_zone(id, lambda project, zone: self._delete(project, zone, id, missing_ok=False))
+        except NotFound:
+            pass  # gone is success
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
         """Every zone in parallel, filtered by labels on the server, all pages."""
@@ -270,22 +289,22 @@ class GCPProvider:
         for machines in self._pool.map(zone_list, self.zones()):
             out.extend(machines)
         wanted = tags.items()
-        out = [m for m in out if wanted <= m.tags.items()]  # digest labels are checked exactly here
         with self._lock:
+            # Digest labels are checked exactly here. An instance whose create() is still running is
+            # not shown: a group controller counts that Provision as a member until it returns, and
+            # would count the half-made instance twice and scale down.
+            out = [m for m in out if wanted <= m.tags.items() and m.id not in self._creating]
             for m in out:
                 self._zone_of[m.id] = m.properties["Zone"]
-        self.console.prefetch([m.id for m in out if m.state == "running"])
+        self.console.listed(out)
         out.sort(key=lambda m: m.id)
         return out
 
     def _fetch_console(self, name: str) -> str:
-        where = self._locate(name)
-        if where is None:
-            raise NotFound(f"instance {name!r} not found")
         compute = self.compute()
-        out = compute.call(compute.instances.get_serial_port_output, f"instances.getSerialPortOutput {name}",
-                           project=where[0], zone=where[1], instance=name, port=1)
-        return out.contents
+        return self._in_zone(name, lambda project, zone: compute.call(
+            compute.instances.get_serial_port_output, f"instances.getSerialPortOutput {name}", project=project,
+            zone=zone, instance=name, port=1).contents)
 
     def console_output(self, id: str) -> str:
         return self.console.read(id)
