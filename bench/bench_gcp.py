@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from gce_fake import FakeCompute, World, running  # noqa: E402
 from gce_fake.storage import emulator  # noqa: E402
-from harness.images import SPEC, standard_images  # noqa: E402
 
+from harness.images import SPEC, standard_images  # noqa: E402
 from mobykit.core import paths  # noqa: E402
 from mobykit.core.instance import InstanceCore  # noqa: E402
 from mobykit.flavor.moby import MobyFlavor  # noqa: E402
