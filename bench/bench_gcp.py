@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -78,6 +79,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--size", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=3, help="groups per row; the median is reported")
     args = ap.parse_args()
     os.environ.setdefault("NO_GCE_CHECK", "True")
     os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
@@ -97,16 +99,17 @@ def main() -> int:
                    "providers": {"gcp": {"Project": PROJECT, "Zone": ZONE, "Bucket": BUCKET, "Endpoint": fake.endpoint}}}
             GCPProvider(cfg["providers"]["gcp"]).publish_image(image, {})
             fake.latency = args.latency
-            one = converge(fake, cfg, spec_path, 1, 16)
-            rows = [(1, 16, one)]
-            for parallel in (16, args.size + 1):
-                rows.append((args.size, parallel, converge(fake, cfg, spec_path, args.size, parallel)))
+            rows = []
+            for size, parallel in ((1, 16), (args.size, 16), (args.size, args.size + 1)):
+                times = sorted(converge(fake, cfg, spec_path, size, parallel) for _ in range(args.runs))
+                rows.append((size, parallel, statistics.median(times), times[0], times[-1]))
             assert not fake.world.instances, "bench: instances left behind"
-    print(f"API latency {args.latency * 1000:.0f} ms per call (fake Compute), one zone\n")
-    print("| instances | controller max_parallel | converge (s) | x one instance |")
-    print("|---:|---:|---:|---:|")
-    for size, parallel, took in rows:
-        print(f"| {size} | {parallel} | {took:.2f} | {took / one:.2f} |")
+    one = rows[0][2]
+    print(f"API latency {args.latency * 1000:.0f} ms per call (fake Compute), one zone, median of {args.runs}\n")
+    print("| instances | controller max_parallel | converge (s) | range (s) | x one instance |")
+    print("|---:|---:|---:|---:|---:|")
+    for size, parallel, med, lo, hi in rows:
+        print(f"| {size} | {parallel} | {med:.2f} | {lo:.2f}-{hi:.2f} | {med / one:.2f} |")
     return 0
 
 
