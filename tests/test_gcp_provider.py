@@ -19,7 +19,7 @@ pytest.importorskip("google.cloud.storage")
 pytest.importorskip("gcp_storage_emulator")
 
 from gce_fake import FakeCompute, World, running  # noqa: E402
-from gce_fake.storage import emulator  # noqa: E402
+from gce_fake.storage import FaultProxy, emulator  # noqa: E402
 
 from harness.images import SPEC, standard_images  # noqa: E402
 from mobykit.core import paths  # noqa: E402
@@ -50,11 +50,18 @@ def env(monkeypatch, tmp_path) -> None:
 
 @pytest.fixture
 def cloud(env, monkeypatch) -> Iterator[tuple[FakeCompute, object]]:
+    """Fake Compute, and the storage emulator behind a proxy that injects faults when asked to
+    (``fake.storage_faults.fault_rate``)."""
     with emulator(BUCKET) as gcs:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
+        proxy = FaultProxy(gcs.endpoint, seed=3)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
         fake = FakeCompute(world=World(storage_exists=gcs.exists))
-        with running(fake):
-            yield fake, gcs
+        fake.storage_faults = proxy  # type: ignore[attr-defined]
+        try:
+            with running(fake):
+                yield fake, gcs
+        finally:
+            proxy.stop()
 
 
 def config(fake: FakeCompute, **extra) -> dict:
@@ -268,6 +275,7 @@ def wait_for(what: str, cond, timeout: float = WAIT) -> None:
 def test_a_group_converges_rolls_to_a_new_image_and_scales_to_zero(cloud, images, fault_rate):
     fake, gcs = cloud
     fake.fault_rate, fake.seed = fault_rate, 7
+    fake.storage_faults.fault_rate = fault_rate
     cfg = {"default_provider": "gcp", "cache": str(images["cache"].root), "providers": {"gcp": config(fake)}}
     provider = GCPProvider(config(fake))
     core = InstanceCore(cfg, providers={"gcp": provider})
@@ -304,9 +312,55 @@ def test_a_group_converges_rolls_to_a_new_image_and_scales_to_zero(cloud, images
     assert len(fake.world.images) == 2 and gcs.objects(BUCKET) == []
     if fault_rate:
         assert sum(1 for c in fake.calls if c[2] in (429, 500, 503)) > 10  # faults really were injected
+        assert fake.storage_faults.faults >= 1  # ... on the storage path too
 
 
 def _label(image_id: str) -> str:
     from mobykit.providers.gcp.labels import label_value
 
     return label_value(image_id)
+
+
+# -- labels, endpoint ---------------------------------------------------------------------------
+
+
+def test_tags_escape_reversibly_to_gce_label_rules():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mobykit.providers.gcp import labels
+
+    def fits(key: str) -> bool:  # a key too long once escaped is refused, naming it (below)
+        try:
+            labels.label_key(key)
+            return True
+        except InvalidArgument:
+            return False
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(st.text(min_size=1, max_size=20).filter(fits), st.text(max_size=80), max_size=10))
+    def check(tags):
+        lab = labels.to_labels(tags)
+        assert all(labels.LABEL_KEY.match(k) and labels.LABEL_VALUE.match(v) for k, v in lab.items())
+        items = labels.to_metadata_items(tags)
+        assert all(labels.METADATA_KEY.match(k) for k in items)
+        assert labels.from_labels(lab, items) == tags
+
+    check()
+    assert labels.metadata_key("infrakit.group") == "infrakit--group"
+    assert labels.label_key("infrakit.group") == "infrakit_2egroup"
+    with pytest.raises(InvalidArgument, match=r"^Tags\.k{70}: too long for a GCE label key"):
+        labels.to_labels({"k" * 70: "v"})
+
+
+def test_the_endpoint_comes_from_the_environment_and_an_unpublished_image_is_named(cloud, monkeypatch):
+    fake, _ = cloud
+    monkeypatch.setenv("MOBYKIT_GCP_ENDPOINT", fake.endpoint)
+    p = GCPProvider({"Project": PROJECT, "Zone": ZONE})
+    try:
+        p.validate({})
+        with pytest.raises(FailedPrecondition, match="is not published"):
+            p.create(MachineSpec({"Image": "sha256:" + "0" * 64}, {}))
+    finally:
+        p.close()
+    assert fake.count("instances.insert") == 0

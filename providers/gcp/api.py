@@ -140,10 +140,13 @@ class Compute:
         errors = list(op.error.errors) if op.error else []
         if errors:
             message = "; ".join(f"{x.code}: {x.message}" for x in errors)
+            # GCE puts the HTTP status the call would have had on the operation.
             code = op.http_error_status_code or 0
-            if code == 404 or any(x.code == "RESOURCE_NOT_FOUND" or x.code == "NOTFOUND" for x in errors):
+            if code == 404 or any(x.code == "RESOURCE_NOT_FOUND" for x in errors):
                 raise NotFound(f"gcp: {what}: {message}")
-            if 400 <= code < 500 and code != 429:
+            if code in (400, 409):
                 raise InvalidArgument(f"gcp: {what}: {message}")
-            raise Unavailable(f"gcp: {what}: {message}")
+            if code in (401, 403, 412):  # permissions, quota
+                raise FailedPrecondition(f"gcp: {what}: {message}")
+            raise Unavailable(f"gcp: {what}: {message}")  # 429, 5xx, ZONE_RESOURCE_POOL_EXHAUSTED: try again
         return op

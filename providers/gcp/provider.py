@@ -302,9 +302,15 @@ class GCPProvider:
 
     def _fetch_console(self, name: str) -> str:
         compute = self.compute()
-        return self._in_zone(name, lambda project, zone: compute.call(
-            compute.instances.get_serial_port_output, f"instances.getSerialPortOutput {name}", project=project,
-            zone=zone, instance=name, port=1).contents)
+
+        def read(project: str, zone: str) -> str:
+            try:
+                return compute.call(compute.instances.get_serial_port_output, f"instances.getSerialPortOutput {name}",
+                                    project=project, zone=zone, instance=name, port=1).contents
+            except (InvalidArgument, FailedPrecondition):
+                return ""  # not readable yet (still provisioning): nothing printed, not a verdict
+
+        return self._in_zone(name, read)
 
     def console_output(self, id: str) -> str:
         return self.console.read(id)
