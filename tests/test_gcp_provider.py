@@ -196,9 +196,12 @@ def test_logical_ids_name_instances(cloud, provider, images):
 def test_bad_properties_name_the_key_and_create_nothing(cloud, props, match):
     fake, _ = cloud
     core = InstanceCore({"providers": {"gcp": config(fake)}})
-    with pytest.raises(InvalidArgument, match=match):
-        core.provision("gcp", Spec(properties={"Image": "projects/debian-cloud/global/images/family/debian-12",
-                                               **props}, tags={"g": "x"}))
+    try:
+        with pytest.raises(InvalidArgument, match=match):
+            core.provision("gcp", Spec(properties={"Image": "projects/debian-cloud/global/images/family/debian-12",
+                                                   **props}, tags={"g": "x"}))
+    finally:
+        core.provider("gcp").close()
     assert not any(r in ("instances.insert", "images.insert") for _, r, _ in fake.calls)
 
 
@@ -348,6 +351,7 @@ def test_tags_escape_reversibly_to_gce_label_rules():
 
     check()
     assert labels.metadata_key("infrakit.group") == "infrakit--group"
+    assert labels.from_labels({"my_label": "a_zz", "mobykit": "1"}, {}) == {"my_label": "a_zz"}  # not ours
     assert labels.label_key("infrakit.group") == "infrakit_2egroup"
     with pytest.raises(InvalidArgument, match=r"^Tags\.k{70}: too long for a GCE label key"):
         labels.to_labels({"k" * 70: "v"})

@@ -48,16 +48,23 @@ def _escape(text: str) -> str:
 
 
 def _unescape(text: str) -> str:
+    """Inverse of ``_escape``; a label someone else wrote (``my_label``) is read as it is."""
     raw = bytearray()
     i = 0
-    while i < len(text):
-        if text[i] == "_":
-            raw += bytes.fromhex(text[i + 1:i + 3])
-            i += 3
-        else:
-            raw += text[i].encode()
-            i += 1
-    return raw.decode()
+    try:
+        while i < len(text):
+            if text[i] == "_":
+                hexpart = text[i + 1:i + 3]
+                if len(hexpart) != 2 or hexpart != hexpart.lower():
+                    raise ValueError(text)
+                raw += bytes.fromhex(hexpart)
+                i += 3
+            else:
+                raw += text[i].encode()
+                i += 1
+        return raw.decode()
+    except ValueError:  # not our escape (UnicodeDecodeError is a ValueError too)
+        return text
 
 
 def label_key(key: str) -> str:
