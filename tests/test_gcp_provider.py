@@ -123,6 +123,23 @@ def test_an_image_is_published_once_and_found_again_by_its_label(cloud, provider
     assert fake.world.counts["images.insert"] == 1
 
 
+def test_two_servers_publishing_one_image_at_once_make_one(cloud, images):
+    fake, gcs = cloud
+    fake.latency = 0.05  # so that the two really overlap
+    servers = [GCPProvider(config(fake)) for _ in range(3)]
+    links: list[str] = []
+    threads = [threading.Thread(target=lambda p=p: links.append(p.publish_image(images["v2"], {}))) for p in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    for p in servers:
+        p.close()
+    assert len(links) == 3 and len(set(links)) == 1
+    assert fake.world.counts["images.insert"] == 1 and len(fake.world.images) == 1
+    assert gcs.objects(BUCKET) == []
+
+
 # -- instances ----------------------------------------------------------------------------------
 
 

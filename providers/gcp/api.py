@@ -35,6 +35,10 @@ TRANSIENT = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway, ge
 _retry_transient = gretry.if_exception_type(*TRANSIENT)
 
 
+class AlreadyExists(InvalidArgument):
+    """409: a resource of that name exists (someone else's, or a racing publisher's)."""
+
+
 class OperationPending(Exception):
     """An operation wait answered before DONE: asked again by the Retry."""
 
@@ -109,7 +113,9 @@ class Compute:
             raise Unavailable(f"gcp: {what}: still failing after retries: {e.cause}") from None
         except gexc.NotFound as e:
             raise NotFound(f"gcp: {what}: {e.message}") from None
-        except (gexc.BadRequest, gexc.Conflict) as e:
+        except gexc.Conflict as e:
+            raise AlreadyExists(f"gcp: {what}: {e.message}") from None
+        except gexc.BadRequest as e:
             raise InvalidArgument(f"gcp: {what}: {e.message}") from None
         except (gexc.Unauthorized, gexc.Forbidden) as e:
             raise FailedPrecondition(f"gcp: {what}: {e.message}") from None
@@ -144,7 +150,9 @@ class Compute:
             code = op.http_error_status_code or 0
             if code == 404 or any(x.code == "RESOURCE_NOT_FOUND" for x in errors):
                 raise NotFound(f"gcp: {what}: {message}")
-            if code in (400, 409):
+            if code == 409 or any(x.code == "RESOURCE_ALREADY_EXISTS" for x in errors):
+                raise AlreadyExists(f"gcp: {what}: {message}")
+            if code == 400:
                 raise InvalidArgument(f"gcp: {what}: {message}")
             if code in (401, 403, 412):  # permissions, quota
                 raise FailedPrecondition(f"gcp: {what}: {message}")

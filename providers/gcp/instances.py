@@ -110,7 +110,7 @@ class ConsoleReader:
 
     Why: the group controller asks each instance's health one after the other, and each answer is an
     API round trip; with 20 instances and a slow API a pass would take 20 round trips. So ``listed``
-    (every listing) starts a read of each running instance's console in the background, and ``read``
+    (a group's listing) starts a read of each running instance's console in the background, and ``read``
     hands out a read started less than ``fresh`` seconds ago (waiting for it if it is still running)
     instead of making its own; an instance the last listing showed still booting has printed nothing
     yet, so its console is "" without a call. Health lags by at most ``fresh``, under a poll interval.

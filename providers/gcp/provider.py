@@ -32,6 +32,7 @@ from mobykit.providers.gcp.publish import Publisher
 log = logging.getLogger("mobykit.providers.gcp")
 
 ENV_PROJECT = "GOOGLE_CLOUD_PROJECT"
+GROUP_TAG = "infrakit.group"
 PAGE_SIZE = 500  # GCE's maximum maxResults
 
 
@@ -171,7 +172,7 @@ class GCPProvider:
             inst = compute.call(compute.instances.get, f"instances.get {name}", project=project, zone=zone,
                                 instance=name)
         except InvalidArgument:
-            raise  # refused (a 409 is someone else's instance of that name: not ours to delete)
+            raise  # refused; AlreadyExists (409) is someone else's instance of that name: not ours to delete
         except BaseException:
             # Unknown outcome (retries ran out, interrupted): whatever got made must not leak.
             try:
@@ -296,7 +297,9 @@ class GCPProvider:
             out = [m for m in out if wanted <= m.tags.items() and m.id not in self._creating]
             for m in out:
                 self._zone_of[m.id] = m.properties["Zone"]
-        self.console.listed(out)
+        if GROUP_TAG in tags:
+            # A group controller's listing: its health pass reads each of these consoles next.
+            self.console.listed(out)
         out.sort(key=lambda m: m.id)
         return out
 

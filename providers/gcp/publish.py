@@ -23,7 +23,7 @@ from google.api_core import exceptions as gexc
 
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
 from mobykit.providers.base import BootImage
-from mobykit.providers.gcp.api import Compute, retry
+from mobykit.providers.gcp.api import AlreadyExists, Compute
 from mobykit.providers.gcp.labels import IMAGE_LABEL
 
 FAMILY = "mobykit"
@@ -79,11 +79,14 @@ class Publisher:
             raise InvalidArgument("providers.gcp.Bucket: required to publish an image (the Cloud Storage bucket "
                                   "its gcp format is uploaded to)")
         name = image_name(image.id)
-        stale = self._existing(name)
-        if stale is not None and stale.status == "READY" and image.id in stale.description:
-            self.known[image.id] = stale.self_link
-            return stale.self_link
-        if stale is not None:  # FAILED, or PENDING from a publisher that died: start again
+        existing = self._existing(name)
+        if existing is not None and existing.status != "FAILED":
+            # READY, or PENDING: another publisher's import, which GCE finishes whether or not that
+            # publisher is still alive: wait for it rather than upload again.
+            link = self._wait_ready(name, image.id)
+            self.known[image.id] = link
+            return link
+        if existing is not None:  # a failed import: remove it and start again
             self._delete(name)
         files = [p for p in image.format("gcp") if p.name.endswith(".img.tar.gz")]
         if not files:
@@ -104,10 +107,8 @@ class Publisher:
             op = self.compute.call(self.compute.images.insert_unary, f"images.insert {name}", project=self.project,
                                    image_resource=body, request_id=str(uuid.uuid4()))
             self.compute.wait(op, self.project, None, f"images.insert {name}")
-        except InvalidArgument as e:
-            if "already exists" not in str(e):
-                raise
-            # Another publisher made it meanwhile: wait for it below.
+        except AlreadyExists:
+            pass  # another publisher made it meanwhile: wait for it below
         link = self._wait_ready(name, image.id)
         try:
             blob.delete(retry=DEFAULT_RETRY)
@@ -148,6 +149,3 @@ class Publisher:
             self.compute.wait(op, self.project, None, f"images.delete {name}")
         except NotFound:
             pass
-
-
-__all__ = ["FAMILY", "Publisher", "image_label", "image_name", "retry"]
