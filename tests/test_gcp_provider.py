@@ -193,6 +193,22 @@ def test_listing_pages_through_every_zone(cloud, provider, images):
         provider.destroy(iid)
 
 
+def test_infrakit_gce_plugin_flat_disk_properties_work_as_they_are(cloud, provider, images):
+    fake, _ = cloud
+    provider.publish_image(images["v1"], {})
+    m = provider.create(MachineSpec({"NamePrefix": "old", "MachineType": "n1-standard-1", "Network": "default",
+                                     "Tags": ["web"], "Scopes": ["https://www.googleapis.com/auth/cloudruntimeconfig"],
+                                     "DiskSizeMb": 20 * 1024 + 1, "DiskImage": images["v1"].id,
+                                     "DiskType": "pd-ssd", "Preemptible": False, "Connect": True,
+                                     "Description": "from infrakit"}, {"g": "old"}))
+    (inst,) = instances(fake)
+    assert inst["disks"][0]["diskSizeGb"] == "21" and inst["description"] == "from infrakit"
+    assert {"key": "serial-port-enable", "value": "true"} in inst["metadata"]["items"]
+    with pytest.raises(InvalidArgument, match=r"^Properties: give either Disks or DiskSizeMb"):
+        provider.validate({"Disks": [{"SizeGb": 10}], "DiskSizeMb": 10240})
+    provider.destroy(m.id)
+
+
 def test_logical_ids_name_instances(cloud, provider, images):
     provider.publish_image(images["v1"], {})
     m = provider.create(MachineSpec({"Image": images["v1"].id}, {"g": "q"}, logical_id="db-0"))

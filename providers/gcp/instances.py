@@ -42,6 +42,8 @@ def insert_body(props: InstanceProperties, *, project: str, zone: str, name: str
             items[key] = user_data
     if logical_id is not None:
         items[LOGICAL_ID_ITEM] = logical_id
+    if props.connect:
+        items["serial-port-enable"] = "true"  # Infrakit's Connect: the interactive serial console
     network = props.network if "/" in props.network else f"global/networks/{props.network}"
     nic: dict[str, Any] = {"network": network}
     if props.subnetwork:

@@ -40,7 +40,14 @@ PROPERTY_TYPES: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "Description": (str, ""),
     "Disks": (list, []),
     "Image": (str, None),
+    # The flat keys of Infrakit's older GCE plugin (infrakit.gcp), read into the boot disk and Image.
+    "DiskSizeMb": (int, None),
+    "DiskType": (str, None),
+    "DiskImage": (str, None),
+    "AutoDeleteDisk": (bool, None),
+    "Connect": (bool, False),  # the interactive serial console (metadata serial-port-enable)
 }
+LEGACY_DISK_KEYS = ("DiskSizeMb", "DiskType", "AutoDeleteDisk")
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class InstanceProperties:
     description: str
     disks: list[Disk]
     image: str | None
+    connect: bool = False
 
 
 @dataclass
@@ -151,14 +159,25 @@ def parse(properties: Any) -> InstanceProperties:
     if not re.match(r"^[a-z][-a-z0-9]{0,48}$", prefix):
         raise InvalidArgument(f"Properties.NamePrefix: {prefix!r} must be lower case letters, digits and -, "
                               "starting with a letter, at most 49 characters")
-    image = values["Image"]
+    image = values["Image"] or values["DiskImage"]
     if image is not None and image.startswith("sha256:") and not IMAGE_ID.match(image):
         raise InvalidArgument(f"Properties.Image: {image!r} is not a built image id (sha256:<64 hex>)")
+    disks = _disks(values["Disks"])
+    legacy = [k for k in LEGACY_DISK_KEYS if values[k] is not None]
+    if legacy and disks:
+        raise InvalidArgument(f"Properties: give either Disks or {', '.join(legacy)}, not both")
+    if legacy:
+        mb = values["DiskSizeMb"]
+        if mb is not None and mb < 1:
+            raise InvalidArgument(f"Properties.DiskSizeMb: must be a positive integer, got {mb!r}")
+        disks = [Disk(boot=True, type=values["DiskType"] or "pd-standard",
+                      size_gb=-(-mb // 1024) if mb else 10,
+                      auto_delete=True if values["AutoDeleteDisk"] is None else values["AutoDeleteDisk"])]
     return InstanceProperties(
         project=values["Project"], zone=values["Zone"], name_prefix=prefix, machine_type=values["MachineType"],
         network=values["Network"], subnetwork=values["Subnetwork"], private_ip=values["PrivateIP"],
         tags=list(values["Tags"]), scopes=list(values["Scopes"]), preemptible=values["Preemptible"],
-        description=values["Description"], disks=_disks(values["Disks"]), image=image)
+        description=values["Description"], disks=disks, image=image, connect=values["Connect"])
 
 
 def instance_name(prefix: str, logical_id: str | None, suffix: str) -> str:
