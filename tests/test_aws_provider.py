@@ -142,6 +142,8 @@ INFRAKIT_PROPERTIES = {  # the shape Infrakit's AWS instance plugin reads, as it
 
 def test_infrakit_aws_properties_validate_as_they_are():
     AWSProvider({}).validate(INFRAKIT_PROPERTIES)
+    # A group spec's instance properties are validated at commit, before the flavor adds Image.
+    AWSProvider({}).validate({"RunInstancesInput": {"InstanceType": "t3.micro"}, "Tags": {"a": "b"}})
     AWSProvider({}).validate({"Image": "sha256:" + "0" * 64, "Region": "eu-west-1",
                               "RunInstancesInput": {"NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": "s"}]}})
 
@@ -164,7 +166,6 @@ def test_infrakit_aws_properties_validate_as_they_are():
     ({"RunInstancesInput": {"ImageId": "ami-1"}, "Tags": {"a": 1}}, "Properties.Tags: must be an object of strings"),
     ({"RunInstancesInput": {"ImageId": "ami-1"}, "Region": "mars-north-1"}, "Properties.Region: unknown region"),
     ({"Image": "latest"}, "Properties.Image: 'latest' is not a built image id"),
-    ({"RunInstancesInput": {}}, "Properties: Image (a built image id"),
 ])
 def test_bad_properties_name_the_key(props, names):
     with pytest.raises(InvalidArgument) as e:
@@ -284,6 +285,25 @@ def test_instances_are_tagged_at_launch_listed_by_tag_labelled_and_destroyed(aws
     assert p.list({GROUP_TAG: "g"}) == []
 
 
+def test_an_instance_in_another_region_is_published_listed_labelled_and_destroyed_there(aws, tmp_path):
+    p = provider()
+    image = fake_image(tmp_path)
+    props = {"Image": image.id, "Region": "eu-west-1",
+             "RunInstancesInput": {"TagSpecifications": [{"ResourceType": "instance", "Tags": [
+                 {"Key": "cost-center", "Value": "42"}, {"Key": GROUP_TAG, "Value": "spec-loses"}]}]}}
+    p.publish_image(image, props)
+    m = p.create(MachineSpec(props, {GROUP_TAG: "eu"}))
+    assert tagged_amis(image.id) == []  # nothing in the default region
+    [listed] = p.list({GROUP_TAG: "eu"})
+    assert listed.id == m.id and listed.properties["Placement"].startswith("eu-west-1")
+    assert listed.tags == {GROUP_TAG: "eu", "cost-center": "42", IMAGE_TAG: image.id}
+    p.set_tags(m.id, {GROUP_TAG: "eu", "x": "y"})
+    assert p.list({"x": "y"})[0].id == m.id
+    assert f"mobykit: ready {image.id}" in p.console_output(m.id)
+    p.destroy(m.id)
+    assert p.list({GROUP_TAG: "eu"}) == []
+
+
 def test_a_retried_runinstances_whose_answer_was_lost_starts_one_instance(aws, tmp_path):
     p = provider()
     image = fake_image(tmp_path)
@@ -306,6 +326,8 @@ def test_bad_input_through_the_core_creates_nothing(aws, tmp_path, monkeypatch):
     image = "sha256:" + "1" * 64
     with pytest.raises(InvalidArgument, match=r"Properties\.RunInstancesInput\.InstanceType: must be a string"):
         core.provision("aws", Spec(properties={"Image": image, "RunInstancesInput": {"InstanceType": 2}}))
+    with pytest.raises(InvalidArgument, match=r"Properties: Image \(a built image id"):
+        core.provision("aws", Spec(properties={"RunInstancesInput": {"InstanceType": "t3.micro"}}))
     with pytest.raises(InvalidArgument, match=r"Properties\.Region: unknown region 'us-moon-1'"):
         core.provision("aws", Spec(properties={"Image": image, "Region": "us-moon-1"}))
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -378,7 +400,7 @@ def world(aws, tmp_path) -> Iterator[dict]:
 
     with paths.using(paths.PathPolicy.under([root])):
         try:
-            yield {"root": root, "provider": aws_provider, "start": start}
+            yield {"root": root, "provider": aws_provider, "start": start, "core": core, "flavor": flavor}
         finally:
             for ctl in controllers:
                 ctl.stop()
@@ -417,6 +439,17 @@ def assert_clean(world: dict, seen: dict) -> None:
     everything = backend_instances("workers", live=False)
     assert len(everything) == 6, [i.id for i in everything]
     assert all(i._state.name in ("terminated", "shutting-down") for i in everything)  # none leaked
+
+
+def test_the_group_plugin_accepts_an_aws_group_spec_at_commit(world):
+    from mobykit.group.plugin import GroupPluginImpl
+
+    plugin = GroupPluginImpl(lambda name: world["core"], lambda name: world["flavor"], run=False)
+    assert "workers" in plugin.commit_group(group(world["root"] / "v1.yml", 3), pretend=True)
+    bad = group(world["root"] / "v1.yml", 3)
+    bad.properties["Instance"]["Properties"]["RunInstancesInput"]["InstanceTypo"] = "t3.micro"
+    with pytest.raises(InvalidArgument, match=r"RunInstancesInput\.InstanceTypo: unknown field"):
+        plugin.commit_group(bad, pretend=True)
 
 
 def test_a_group_converges_rolls_to_a_new_image_and_scales_to_zero(world, aws):

@@ -6,8 +6,8 @@ a group of 20 spends 4 s per pass reading consoles serially. A tag-filtered list
 starts the console reads of the instances it returned, in parallel; a ``console_output`` that
 follows within ``max_age`` seconds takes that read (waiting for it if it is still running),
 anything later reads afresh. A read is never older than ``max_age`` when it is handed out, and
-only listings that asked for tags (a group's, not a scan of the account) and found at most
-``limit`` instances start reads.
+only a group's listing (by ``infrakit.group``, not the core's namespace-wide lookups for Label and
+Destroy) that found at most ``limit`` instances starts reads.
 """
 
 from __future__ import annotations

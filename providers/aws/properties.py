@@ -105,9 +105,8 @@ def parse(properties: Any) -> InstanceProperties:
     image = properties.get("Image")
     if image is not None and (not isinstance(image, str) or not _IMAGE_ID.match(image)):
         raise InvalidArgument(f"Properties.Image: {image!r} is not a built image id (sha256:<64 hex>)")
-    if image is None and not run.get("ImageId"):
-        raise InvalidArgument("Properties: Image (a built image id, set by the moby flavor) or "
-                              "RunInstancesInput.ImageId is required")
+    # Image or ImageId is required only to launch (``provider.create``): a group spec is validated
+    # before the moby flavor's Prepare has written the Image into it.
     return InstanceProperties(run=dict(run), tags=dict(tags), region=region, image=image)
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-from mobykit.errors import FailedPrecondition
+from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
 from mobykit.providers.aws import instances
 from mobykit.providers.aws.clients import ClientCache, Clients
 from mobykit.providers.aws.console import ConsoleReads
@@ -20,6 +21,8 @@ from mobykit.providers.aws.properties import (
 )
 from mobykit.providers.aws.publish import Publisher
 from mobykit.providers.base import BootImage, Machine, MachineSpec
+
+GROUP_TAG = "infrakit.group"  # what a group controller lists by (Infrakit's tag)
 
 
 class AWSProvider:
@@ -39,7 +42,8 @@ class AWSProvider:
         self._lock = threading.Lock()
         self._publishers: dict[str, Publisher] = {}
         self._amis: dict[tuple[str, str], str] = {}  # (region, image id) -> AMI, once published
-        self.consoles = ConsoleReads(lambda iid: instances.console(self._clients().ec2, iid))
+        self._regions: dict[str, None] = {}  # regions used besides the default, in first-use order
+        self.consoles = ConsoleReads(self._console)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -75,6 +79,7 @@ class AWSProvider:
             known = self._amis.get((region, image.id))
         if known:
             return known
+        self._used(region)
         ami = self.publisher(region).publish(image)
         with self._lock:
             self._amis[(region, image.id)] = ami
@@ -83,7 +88,9 @@ class AWSProvider:
     def _ami(self, props: InstanceProperties) -> str:
         if props.explicit_ami:
             return props.explicit_ami
-        assert props.image is not None  # parse() requires Image or ImageId
+        if props.image is None:
+            raise InvalidArgument("Properties: Image (a built image id, written by the moby flavor) or "
+                                  "RunInstancesInput.ImageId is required to launch an instance")
         region = self.clients.region(props.region)
         with self._lock:
             known = self._amis.get((region, props.image))
@@ -97,6 +104,8 @@ class AWSProvider:
 
     def create(self, spec: MachineSpec) -> Machine:
         props = parse(spec.properties)
+        if not props.explicit_ami and props.image is None:
+            self._ami(props)  # the error, before any call
         self.clients.credentials_present()
         ec2 = self._clients(props.region).ec2
         tags = {**props.tags, **spec.tags}
@@ -115,27 +124,54 @@ class AWSProvider:
         ip = private_ip(spec.logical_id)
         if ip and "PrivateIpAddress" not in request and not request.get("NetworkInterfaces"):
             request["PrivateIpAddress"] = ip
-        own = [ts for ts in request.pop("TagSpecifications", []) if ts.get("ResourceType") not in ("instance", "volume")]
-        request["TagSpecifications"] = own + [
-            {"ResourceType": "instance", "Tags": instances.tag_list(tags)},
-            {"ResourceType": "volume", "Tags": instances.tag_list(tags)},
-        ]
+        # The spec's own TagSpecifications stay; for the instance and its volumes ours are added (and win).
+        given = {ts.get("ResourceType"): ts for ts in request.pop("TagSpecifications", [])}
+        for kind in ("instance", "volume"):
+            merged = {**instances.tag_dict(given.get(kind, {}).get("Tags")), **tags}
+            given[kind] = {"ResourceType": kind, "Tags": instances.tag_list(merged)}
+        request["TagSpecifications"] = list(given.values())
+        self._used(self.clients.region(props.region))
         return instances.run(ec2, request)
 
+    # Instances are looked for in the default region and in every region this provider launched or
+    # published in since it started (``Properties.Region``): ids are unique across regions.
+
+    def _used(self, region: str) -> None:
+        with self._lock:
+            self._regions.setdefault(region, None)
+
+    def _ec2s(self) -> list[Any]:
+        with self._lock:
+            extra = list(self._regions)
+        regions = list(dict.fromkeys([self.clients.region(), *extra]))
+        return [self._clients(r).ec2 for r in regions]
+
+    def _in_regions(self, id: str, call: Callable[[Any], Any]) -> Any:
+        for ec2 in self._ec2s():
+            try:
+                return call(ec2)
+            except NotFound:
+                continue
+        raise NotFound(f"aws: no live instance {id!r}")
+
     def set_tags(self, id: str, tags: dict[str, str]) -> None:
-        instances.set_tags(self._clients().ec2, id, tags)
+        self._in_regions(id, lambda ec2: instances.set_tags(ec2, id, tags))
 
     def destroy(self, id: str) -> None:
-        instances.terminate(self._clients().ec2, id)
+        for ec2 in self._ec2s():  # terminating an id another region holds is a no-op there
+            instances.terminate(ec2, id)
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
-        found = instances.describe(self._clients().ec2, dict(tags))
-        if tags:  # a group's listing: its health checks read these consoles next (console.py)
+        found = sorted((m for ec2 in self._ec2s() for m in instances.describe(ec2, dict(tags))), key=lambda m: m.id)
+        if GROUP_TAG in tags:  # a group's listing: its health pass reads these consoles next (console.py)
             self.consoles.prefetch([m.id for m in found])
         return found
 
     def console_output(self, id: str) -> str:
         return self.consoles.get(id)
+
+    def _console(self, id: str) -> str:
+        return self._in_regions(id, lambda ec2: instances.console(ec2, id))
 
     def close(self) -> None:
         self.consoles.close()

@@ -31,7 +31,7 @@ from typing import Any
 
 from mobykit.errors import FailedPrecondition, NotFound, Unavailable
 from mobykit.providers.aws import blocks
-from mobykit.providers.aws.clients import Clients, api, error_code
+from mobykit.providers.aws.clients import Clients, api
 from mobykit.providers.aws.properties import IMAGE_TAG
 from mobykit.providers.base import BootImage
 
@@ -227,7 +227,7 @@ class Publisher:
                     TagSpecifications=[{"ResourceType": "image", "Tags": tags}],
                 )["ImageId"]
         except Exception as e:
-            if "InvalidAMIName.Duplicate" not in (error_code(getattr(e, "__context__", e)) + str(e)):
+            if "InvalidAMIName.Duplicate" not in str(e):
                 raise
             log.info("AMI of %s registered by another server", image.id)
         winner = self._first(self._amis(image.id))
