@@ -164,6 +164,7 @@ def test_create_tags_metadata_list_label_console_destroy(cloud, provider, images
     assert provider.list({"infrakit.group": "other"}) == []
     assert provider.list({IMAGE_TAG: image.id})[0].tags == tags  # a digest label, exact from metadata
     assert fake.count("instances.list") >= 2 * 3
+    assert fake.filters[-1] == f'(labels.mobykit = "1") AND (labels.mobykit_2eimage = "{_label(image.id)}")'
     # labels: replaced with the fingerprint; a concurrent change (412) is read again and redone
     with fake.world.lock:
         fake.world.instances[(PROJECT, ZONE, m.id)]["labelFingerprint"] = "changed-behind-our-back"

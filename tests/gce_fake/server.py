@@ -67,6 +67,7 @@ class FakeCompute:
     seed: int = 0
     wait_seconds: float = 0.02  # how long operations.wait holds an answer, as the real one blocks
     calls: list[tuple[str, str, int]] = field(default_factory=list)
+    filters: list[str] = field(default_factory=list)  # the ``filter`` of every list call, in order
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -167,6 +168,7 @@ class FakeCompute:
             if route == "zones.get":
                 return w.zone(project, p["zone"])
             if route == "instances.list":
+                self.filters.append(q.get("filter", ""))
                 return self._page("compute#instanceList", w.list_instances(project, p["zone"]), q,
                                   f"projects/{project}/zones/{p['zone']}/instances")
             if route == "instances.insert":
