@@ -402,3 +402,16 @@ def test_the_endpoint_comes_from_the_environment_and_an_unpublished_image_is_nam
     finally:
         p.close()
     assert fake.count("instances.insert") == 0
+
+
+@pytest.mark.parametrize("bucket,match", [(None, r"^providers\.gcp\.Bucket: required"),
+                                          ("no-such-bucket", r"^providers\.gcp\.Bucket: bucket 'no-such-bucket'")])
+def test_publishing_without_a_usable_bucket_names_it_and_makes_nothing(cloud, images, bucket, match):
+    fake, _ = cloud
+    p = GCPProvider({**config(fake), "Bucket": bucket})
+    try:
+        with pytest.raises(InvalidArgument, match=match):
+            p.publish_image(images["v1"], {})
+    finally:
+        p.close()
+    assert fake.world.images == {}
