@@ -31,7 +31,6 @@ T = TypeVar("T")
 
 TRANSIENT = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway, gexc.ServiceUnavailable,
              gexc.GatewayTimeout, ConnectionError, rexc.ConnectionError, rexc.ChunkedEncodingError, rexc.Timeout)
-# Transient answers, and our "operation not done yet" (a wait may answer before DONE).
 _retry_transient = gretry.if_exception_type(*TRANSIENT)
 
 
@@ -49,6 +48,7 @@ def retry(deadline: float = 300.0) -> gretry.Retry:
 
 
 def _pending_or_transient(exc: BaseException) -> bool:
+    """Transient answers, and our "operation not done yet" (a wait may answer before DONE)."""
     return isinstance(exc, OperationPending) or _retry_transient(exc)
 
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from google.api_core import exceptions as gexc
 from google.api_core import retry as gretry
 
-from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
+from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from mobykit.providers.base import BootImage, Machine, MachineSpec
 from mobykit.providers.gcp import properties as gprops
 from mobykit.providers.gcp.api import Compute, credentials
@@ -253,8 +253,11 @@ class GCPProvider:
                 compute.wait(op, project, zone, f"instances.setMetadata {id}")
 
         # 412: someone changed the labels or metadata since we read them: read again and redo.
-        gretry.Retry(predicate=gretry.if_exception_type(gexc.PreconditionFailed), initial=0.05, maximum=1.0,
-                     timeout=60)(attempt)()
+        try:
+            gretry.Retry(predicate=gretry.if_exception_type(gexc.PreconditionFailed), initial=0.05, maximum=1.0,
+                         timeout=60)(attempt)()
+        except gexc.RetryError as e:
+            raise Unavailable(f"gcp: labelling {id}: its labels kept changing under us (412) for 60s: {e.cause}") from None
 
     def _delete(self, project: str, zone: str, name: str, missing_ok: bool = True) -> None:
         compute = self.compute()
