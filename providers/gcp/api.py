@@ -121,6 +121,10 @@ class Compute:
             raise FailedPrecondition(f"gcp: {what}: {e.message}") from None
         except TRANSIENT as e:
             raise Unavailable(f"gcp: {what}: {e}") from None
+        except gexc.PreconditionFailed:
+            raise  # a stale fingerprint: the caller reads again and retries (set_tags)
+        except gexc.GoogleAPICallError as e:  # anything else the API answers is the API's trouble, not ours
+            raise Unavailable(f"gcp: {what}: {e}") from None
 
     def wait(self, op: Any, project: str, zone: str | None, what: str, deadline: float = 600.0) -> Any:
         """Wait for ``op`` (zone or global) to be DONE with our own operations clients; raise its error."""
