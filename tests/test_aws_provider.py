@@ -70,6 +70,7 @@ def aws(moto: MotoServer) -> Iterator[MotoServer]:
 def provider(**config) -> AWSProvider:
     p = AWSProvider(config)
     p.poll = 0.05
+    p.settle = 1.1  # StartTime has whole seconds (moto, as EC2): just over one, not the default 2
     return p
 
 
@@ -494,3 +495,28 @@ def test_console_reads_prefetched_by_a_listing_are_used_only_while_young():
         assert len(reads) == 4
     finally:
         consoles.close()
+
+
+# -- through `mobykit serve` ------------------------------------------------------------------------
+
+
+def test_mobykit_serve_serves_mobykit_aws_over_infrakit_json_rpc(aws):
+    """A real ``mobykit serve`` child with ``providers.aws`` in its config reaches this moto through
+    the environment (``AWS_ENDPOINT_URL``), as Infrakit's manager would drive it."""
+    from harness.mobykit_server import call, serve_process
+
+    ami = ec2().register_image(Name="base")["ImageId"]
+    config = {"default_provider": "aws", "providers": {"aws": {"NamespaceTags": {"deployment": "t"}}}}
+    with serve_process(["--listen", "unix:grpc.sock"], config=config) as sp:
+        sock = sp.addresses[1].removeprefix("infrakit:")
+        assert call(sock, "Instance.Validate", {"Type": "aws", "Properties": INFRAKIT_PROPERTIES})["result"]
+        bad = call(sock, "Instance.Validate", {"Type": "aws", "Properties": {"RunInstancesInput": {"KeyNam": "x"}}})
+        assert "Properties.RunInstancesInput.KeyNam: unknown field" in bad["error"]["message"]
+        spec = {"Properties": {"RunInstancesInput": {"ImageId": ami, "InstanceType": "t3.micro"}},
+                "Tags": {GROUP_TAG: "served"}, "Init": "echo hi"}
+        iid = call(sock, "Instance.Provision", {"Type": "aws", "Spec": spec})["result"]["ID"]
+        found = call(sock, "Instance.DescribeInstances", {"Type": "aws", "Tags": {GROUP_TAG: "served"}})
+        [desc] = found["result"]["Descriptions"]
+        assert desc["ID"] == iid and desc["Tags"] == {GROUP_TAG: "served", "deployment": "t"}
+        call(sock, "Instance.Destroy", {"Type": "aws", "Instance": iid, "Context": {"Reason": "terminate"}})
+        assert call(sock, "Instance.DescribeInstances", {"Type": "aws", "Tags": {}})["result"]["Descriptions"] == []

@@ -28,8 +28,8 @@ GROUP_TAG = "infrakit.group"  # what a group controller lists by (Infrakit's tag
 class AWSProvider:
     """``mobykit.providers.base.Provider`` over EC2. Thread-safe; clients are made per region.
 
-    ``poll`` (seconds between waiter polls) and ``parallel`` (PutSnapshotBlock calls in flight) are
-    attributes a test or benchmark may change; the config keys are Region, Import and Bucket.
+    ``poll`` (seconds between waiter polls), ``parallel`` (PutSnapshotBlock calls in flight) and
+    ``settle`` (publish.SETTLE) are attributes a test or benchmark may change; the config keys are Region, Import and Bucket.
     """
 
     name: ClassVar[str] = "aws"
@@ -39,6 +39,7 @@ class AWSProvider:
         self.clients = ClientCache(self.settings.region)
         self.poll = 15.0
         self.parallel: int | None = None
+        self.settle: float | None = None  # publish.SETTLE unless set (tests)
         self._lock = threading.Lock()
         self._publishers: dict[str, Publisher] = {}
         self._amis: dict[tuple[str, str], str] = {}  # (region, image id) -> AMI, once published
@@ -58,6 +59,8 @@ class AWSProvider:
                 p = Publisher(clients, self.settings.import_mode, self.settings.bucket, poll=self.poll)
                 self._publishers[clients.region] = p
             p.poll = self.poll
+            if self.settle is not None:
+                p.settle = self.settle
             if self.parallel:
                 p.parallel = self.parallel
             return p

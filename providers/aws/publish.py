@@ -6,9 +6,12 @@ first. Order of a publish: an AMI with the tag (pending: wait for it) -> a snaps
 (pending: another server is uploading it, wait) -> upload (``blocks.py``) -> RegisterImage.
 
 Two servers at once: within a process one lock per image id makes later callers wait for the
-first. Across processes, right after StartSnapshot the tagged snapshots are listed again and the
-earliest (StartTime, then id) wins: a later one is abandoned (completed empty and deleted, since a
-pending snapshot cannot be deleted) and the winner awaited, so the blocks go up once. The AMI
+first. Across processes, ``settle`` seconds after StartSnapshot the tagged snapshots are listed
+again and the earliest (StartTime, then id) wins: a later one is abandoned (completed empty and
+deleted, since a pending snapshot cannot be deleted) and the winner awaited, so the blocks go up
+once. Why wait: StartTime has whole seconds, so two snapshots started in one second tie and only
+the id decides; a listing made in that same second may not show the other one yet and would let
+both win. After ``settle`` (> 1 s) every snapshot that could tie with ours is listed. The AMI
 name is ``mobykit-<hex>``: the real service refuses a second AMI of that name
 (``InvalidAMIName.Duplicate``), and after registering, the earliest tagged AMI is kept and a later
 one of ours deregistered (the same rule, for services that do not enforce names). A failed upload
@@ -42,6 +45,7 @@ BOOT_MODE = {"aws": "legacy-bios"}  # the aws format is the raw-bios disk (mobyk
 ROOT_DEVICE = "/dev/xvda"
 SNAPSHOT_TIMEOUT_MIN = 60  # StartSnapshot's Timeout: an upload whose server died ends in "error"
 LIVE = ("pending", "completed")
+SETTLE = 2.0  # seconds between StartSnapshot and the listing that decides who uploads (see above)
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Publisher:
     poll: float = 15.0
     wait_timeout: float = 3600.0
     parallel: int = blocks.PARALLEL
+    settle: float = SETTLE
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
     uploads: int = 0  # snapshots this publisher uploaded (tests and the bench check "once")
@@ -143,6 +148,7 @@ class Publisher:
                                      Description=f"mobykit image {image.id}",
                                      ClientToken=str(uuid.uuid4()))["SnapshotId"]
         try:
+            time.sleep(self.settle)
             live = [s for s in self._snapshots(image.id) if s.get("State") in LIVE]
             first = self._first(live, "StartTime", "SnapshotId")
             if first is not None and first["SnapshotId"] != sid:
