@@ -174,6 +174,28 @@ def test_bad_properties_name_the_key(props, names):
     assert names in str(e.value)
 
 
+def test_any_json_is_accepted_or_refused_with_invalid_argument():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(["RunInstancesInput", "Tags", "Region", "Image", "InstanceType", "Placement",
+                            "BlockDeviceMappings", "Ebs", "VolumeSize", "NetworkInterfaces", "UserData"]) | st.text(max_size=6)
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4),
+                          max_leaves=20)
+    provider = AWSProvider({})
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(keys, values, max_size=4))
+    def check(props):
+        try:
+            provider.validate(props)
+        except InvalidArgument:
+            pass
+
+    check()
+
+
 @pytest.mark.parametrize("config,names", [
     ({"Regoin": "x"}, "providers.aws: unknown key(s) Regoin"),
     ({"Import": "ftp"}, "providers.aws.Import: 'ftp'"),
