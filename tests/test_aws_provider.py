@@ -327,6 +327,22 @@ def test_an_instance_in_another_region_is_published_listed_labelled_and_destroye
     assert p.list({GROUP_TAG: "eu"}) == []
 
 
+def test_a_stopped_instance_stays_listed_and_has_no_console(aws, tmp_path):
+    """Stopped instances are listed (so they can be replaced and destroyed, also through a namespace),
+    and their last boot's ready line is not served as if they were up."""
+    p = provider()
+    image = fake_image(tmp_path)
+    p.publish_image(image, {"Image": image.id})
+    m = p.create(MachineSpec({"Image": image.id}, {GROUP_TAG: "stops"}))
+    p.list({GROUP_TAG: "stops"})
+    assert "mobykit: ready" in p.console_output(m.id)
+    ec2().stop_instances(InstanceIds=[m.id])
+    [stopped] = p.list({GROUP_TAG: "stops"})
+    assert stopped.state in ("stopping", "stopped") and p.console_output(m.id) == ""
+    p.destroy(m.id)
+    assert p.list({GROUP_TAG: "stops"}) == []
+
+
 def test_a_retried_runinstances_whose_answer_was_lost_starts_one_instance(aws, tmp_path):
     p = provider()
     image = fake_image(tmp_path)

@@ -44,6 +44,7 @@ class AWSProvider:
         self._publishers: dict[str, Publisher] = {}
         self._amis: dict[tuple[str, str], str] = {}  # (region, image id) -> AMI, once published
         self._regions: dict[str, None] = {}  # regions used besides the default, in first-use order
+        self._off: set[str] = set()  # instances the last listing showed stopping or stopped
         self.consoles = ConsoleReads(self._console)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -166,11 +167,23 @@ class AWSProvider:
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
         found = sorted((m for ec2 in self._ec2s() for m in instances.describe(ec2, dict(tags))), key=lambda m: m.id)
+        with self._lock:
+            for m in found:
+                if m.state in ("stopping", "stopped"):
+                    self._off.add(m.id)
+                else:
+                    self._off.discard(m.id)
         if GROUP_TAG in tags:  # a group's listing: its health pass reads these consoles next (console.py)
             self.consoles.prefetch([m.id for m in found])
         return found
 
     def console_output(self, id: str) -> str:
+        """GetConsoleOutput; "" for an instance the last listing saw stopped: EC2 keeps serving the
+        console of its last boot, whose ready line would keep a dead machine HEALTHY in the moby
+        flavor's console mode, while no console lets its health Deadline decide."""
+        with self._lock:
+            if id in self._off:
+                return ""
         return self.consoles.get(id)
 
     def _console(self, id: str) -> str:
