@@ -1,15 +1,11 @@
 """The ``mobykit/gcp`` provider against real local servers: the fake Compute Engine REST API
 (``gce_fake``) and ``gcp-storage-emulator``, reached through the real google-cloud-compute and
-google-cloud-storage clients. No mock object is in the provider's path.
-
-The group tests drive the real group controller with the real moby flavor and InstanceCore over
-this provider, building the harness's small images for real (the ``gcp`` format included).
+google-cloud-storage clients. No mock object is in the provider's path. Groups: test_gcp_group.py.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,55 +13,25 @@ import pytest
 pytest.importorskip("google.cloud.compute_v1")
 pytest.importorskip("google.cloud.storage")
 pytest.importorskip("gcp_storage_emulator")
+pytest_plugins = ("gce_fake.fixtures",)  # env, cloud, images
 
-from gce_fake import FakeCompute, World, running  # noqa: E402
-from gce_fake.storage import FaultProxy, emulator  # noqa: E402
+from gce_fake.common import (  # noqa: E402
+    BUCKET,
+    PROJECT,
+    WAIT,
+    ZONE,
+    ZONE2,
+    config,
+    instances,
+    label_of,
+)
 
-from harness.images import SPEC, standard_images  # noqa: E402
-from mobykit.core import paths  # noqa: E402
 from mobykit.core.instance import InstanceCore  # noqa: E402
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound  # noqa: E402
-from mobykit.flavor.moby import IMAGE_TAG, MobyFlavor  # noqa: E402
-from mobykit.group.controller import GroupController, Options  # noqa: E402
-from mobykit.group.spec import parse as parse_group  # noqa: E402
-from mobykit.image import store  # noqa: E402
-from mobykit.image.cache import Cache  # noqa: E402
+from mobykit.flavor.moby import IMAGE_TAG  # noqa: E402
 from mobykit.providers.base import MachineSpec  # noqa: E402
 from mobykit.providers.gcp import GCPProvider  # noqa: E402
-from mobykit.spi.group import GroupSpec  # noqa: E402
 from mobykit.spi.types import Spec  # noqa: E402
-
-PROJECT, ZONE, ZONE2, BUCKET = "proj-1", "us-central1-a", "us-central1-b", "mobykit-images"
-WAIT = 120.0  # bound of every wait (a liveness bound on a loaded 2-core machine, not a measure)
-
-
-@pytest.fixture
-def env(monkeypatch, tmp_path) -> None:
-    """No Application Default Credentials anywhere (so loopback endpoints use anonymous ones)."""
-    for var in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "MOBYKIT_GCP_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_GCE_CHECK", "True")  # no metadata-server probe
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
-
-
-@pytest.fixture
-def cloud(env, monkeypatch) -> Iterator[tuple[FakeCompute, object]]:
-    """Fake Compute, and the storage emulator behind a proxy that injects faults when asked to
-    (``fake.storage_faults.fault_rate``)."""
-    with emulator(BUCKET) as gcs:
-        proxy = FaultProxy(gcs.endpoint, seed=3)
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
-        fake = FakeCompute(world=World(storage_exists=gcs.exists))
-        fake.storage_faults = proxy  # type: ignore[attr-defined]
-        try:
-            with running(fake):
-                yield fake, gcs
-        finally:
-            proxy.stop()
-
-
-def config(fake: FakeCompute, **extra) -> dict:
-    return {"Project": PROJECT, "Zone": ZONE, "Zones": [ZONE2], "Bucket": BUCKET, "Endpoint": fake.endpoint, **extra}
 
 
 @pytest.fixture
@@ -73,27 +39,6 @@ def provider(cloud) -> Iterator[GCPProvider]:
     p = GCPProvider(config(cloud[0]))
     yield p
     p.close()
-
-
-@pytest.fixture
-def images(tmp_path) -> Iterator[dict]:
-    """Two small real images (v1, v2 differ in one file) built into a cache; the path policy allows
-    their specs for the flavor's builds."""
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "app.json").write_text('{"app": true}\n')
-    (root / "v1.yml").write_text(SPEC)
-    (root / "v2.yml").write_text(SPEC.replace("welcome", "welcome v2"))
-    cache = Cache(tmp_path / "cache")
-    standard_images(cache)
-    with paths.using(paths.PathPolicy.under([root])):
-        built = {v: store.build_and_store(str(root / f"{v}.yml"), cache=cache) for v in ("v1", "v2")}
-        yield {"root": root, "cache": cache, **built}
-
-
-def instances(fake: FakeCompute) -> list[dict]:
-    with fake.world.lock:
-        return [dict(v) for v in fake.world.instances.values()]
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -164,7 +109,7 @@ def test_create_tags_metadata_list_label_console_destroy(cloud, provider, images
     assert provider.list({"infrakit.group": "other"}) == []
     assert provider.list({IMAGE_TAG: image.id})[0].tags == tags  # a digest label, exact from metadata
     assert fake.count("instances.list") >= 2 * 3
-    assert fake.filters[-1] == f'(labels.mobykit = "1") AND (labels.mobykit_2eimage = "{_label(image.id)}")'
+    assert fake.filters[-1] == f'(labels.mobykit = "1") AND (labels.mobykit_2eimage = "{label_of(image.id)}")'
     # labels: replaced with the fingerprint; a concurrent change (412) is read again and redone
     with fake.world.lock:
         fake.world.instances[(PROJECT, ZONE, m.id)]["labelFingerprint"] = "changed-behind-our-back"
@@ -256,106 +201,6 @@ def test_missing_credentials_for_a_real_endpoint_is_one_clear_error(env):
 def test_unknown_config_key_is_named(env):
     with pytest.raises(InvalidArgument, match=r"^providers\.gcp: unknown key\(s\) Regio"):
         GCPProvider({"Regio": "x"})
-
-
-# -- groups: the real controller, moby flavor and core over this provider -----------------------
-
-
-def group_spec(images: dict, version: str, size: int, zone: str = ZONE) -> GroupSpec:
-    return GroupSpec("workers", {
-        "Allocation": {"Size": size},
-        "Instance": {"Plugin": "mobykit/gcp", "Properties": {"Zone": zone, "NamePrefix": "workers",
-                                                             "MachineType": "e2-small"}},
-        "Flavor": {"Plugin": "mobykit/moby", "Properties": {"Image": str(images["root"] / f"{version}.yml"),
-                                                            "Health": {"Deadline": "120s"}}},
-        "Updating": {"MaxSurge": 1, "MaxUnavailable": 0},
-    })
-
-
-class Bounds:
-    """Samples the fake's instances of the group throughout a rolling update."""
-
-    def __init__(self, fake: FakeCompute, size: int, surge: int, unavailable: int):
-        self.fake, self.size, self.surge, self.unavailable = fake, size, surge, unavailable
-        self.violations: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            group = [i for i in instances(self.fake) if i["labels"].get("infrakit_2egroup") == "workers"]
-            ready = [i for i in group if i["status"] == "RUNNING"]
-            if len(group) > self.size + self.surge:
-                self.violations.append(f"{len(group)} instances")
-            if len(ready) < self.size - self.unavailable:
-                self.violations.append(f"only {len(ready)} running")
-
-    def __enter__(self) -> Bounds:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
-def wait_for(what: str, cond, timeout: float = WAIT) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.mark.parametrize("fault_rate", [0.0, 0.2])
-def test_a_group_converges_rolls_to_a_new_image_and_scales_to_zero(cloud, images, fault_rate):
-    fake, gcs = cloud
-    fake.fault_rate, fake.seed = fault_rate, 7
-    fake.storage_faults.fault_rate = fault_rate
-    cfg = {"default_provider": "gcp", "cache": str(images["cache"].root), "providers": {"gcp": config(fake)}}
-    provider = GCPProvider(config(fake))
-    core = InstanceCore(cfg, providers={"gcp": provider})
-    flavor = MobyFlavor(cfg, instances=core)
-    v1 = parse_group(group_spec(images, "v1", 3))
-    ctl = GroupController(v1, core, flavor, options=Options(poll_interval=0.1, backoff_initial=0.1, max_failures=50))
-
-    def group() -> list[dict]:
-        return [i for i in instances(fake) if i["labels"].get("infrakit_2egroup") == "workers"]
-
-    def on(image) -> bool:
-        g = group()
-        return len(g) == 3 and all(i["labels"]["mobykit_2eimage"] == _label(image.id) and i["status"] == "RUNNING"
-                                   for i in g)
-
-    ctl.start()
-    try:
-        wait_for("3 instances on v1", lambda: on(images["v1"]) and ctl.status().converged)
-        first = {i["name"] for i in group()}
-        with Bounds(fake, 3, 1, 0) as bounds:
-            ctl.update(parse_group(group_spec(images, "v2", 3)))
-            wait_for("3 instances on v2", lambda: on(images["v2"]) and ctl.status().converged)
-        assert bounds.violations == []
-        assert first.isdisjoint({i["name"] for i in group()})  # every instance replaced
-        assert fake.world.counts["images.insert"] == 2  # each image published once
-        ctl.set_size(0)
-        wait_for("no instance", lambda: not instances(fake) and ctl.status().converged)
-    finally:
-        ctl.stop()
-        provider.close()
-    # no duplicate, no leak: every insert the fake applied was a distinct instance, and all are gone
-    assert fake.world.counts["instances.insert"] == 6 and ctl.status().provisions == 6
-    assert fake.world.counts.get("instances.delete", 0) == 6
-    assert len(fake.world.images) == 2 and gcs.objects(BUCKET) == []
-    if fault_rate:
-        assert sum(1 for c in fake.calls if c[2] in (429, 500, 503)) > 10  # faults really were injected
-        assert fake.storage_faults.faults >= 1  # ... on the storage path too
-
-
-def _label(image_id: str) -> str:
-    from mobykit.providers.gcp.labels import label_value
-
-    return label_value(image_id)
 
 
 # -- labels, endpoint ---------------------------------------------------------------------------
