@@ -43,7 +43,7 @@ class Options:
     """Controller settings (the server's config, not the group spec)."""
 
     poll_interval: float = 5.0
-    max_parallel: int = 16  # concurrent provisions/destroys per group
+    max_parallel: int = 32  # concurrent provisions/destroys per group (Infrakit: unlimited); a cloud group of 20 converges in one wave
     self_logical_id: str | None = None  # the instance this controller runs on: never destroyed
     self_id: str | None = None
     backoff_initial: float = 1.0
