@@ -10,7 +10,8 @@ format uploaded and imported) is published before timing, so both runs measure p
 
 Target: converging N takes at most 1.5x converging one: creates, operation waits and console reads
 run in parallel, no operation is waited for serially. The controller's ``max_parallel`` bounds how
-many provisions run at once (16 by default): it is reported for the default and for one above N.
+many provisions run at once (``Options().max_parallel`` by default): it is reported for the default and
+for one above N.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def main() -> int:
             GCPProvider(cfg["providers"]["gcp"]).publish_image(image, {})
             fake.latency = args.latency
             rows = []
-            for size, parallel in ((1, 16), (args.size, 16), (args.size, args.size + 1)):
+            default = Options().max_parallel
+            for size, parallel in ((1, default), (args.size, default), (args.size, args.size + 1)):
                 times = sorted(converge(fake, cfg, spec_path, size, parallel) for _ in range(args.runs))
                 rows.append((size, parallel, statistics.median(times), times[0], times[-1]))
             assert not fake.world.instances, "bench: instances left behind"
