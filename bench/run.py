@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 BENCHES = ("bench_build.py", "bench_flatten.py", "bench_boot.py", "bench_provision.py", "bench_describe.py",
-           "bench_load.py", "bench_group.py", "bench_aws.py", "bench_gcp.py")
+           "bench_load.py", "bench_group.py", "bench_aws.py", "bench_formats.py", "bench_gcp.py")
 
 
 def main() -> int:

@@ -196,7 +196,7 @@ def test_gcp_disk_is_unpacked_with_its_zeros_as_holes(tmp_path: Path) -> None:
         media.find(tmp_path / "y").prepare(tmp_path)
 
 
-def test_efi_formats_boot_with_ovmf(tmp_path: Path) -> None:
+def test_efi_formats_boot_with_ovmf() -> None:
     assert [f for f, lay in media.LAYOUTS.items() if lay.firmware == "efi"] == ["iso-efi", "iso-efi-initrd",
                                                                                  "raw-efi", "qcow2-efi"]
 
