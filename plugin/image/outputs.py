@@ -68,11 +68,20 @@ def register(name: str) -> Callable[[Callable[[OutputContext], list[Path]]], Cal
 
 
 class Staged:
-    """Files written under ``.NAME.tmp`` and renamed together by ``commit``; removed on failure."""
+    """Files written under ``.NAME.tmp`` and renamed together by ``commit``; removed on failure.
+    As a context manager (``with Staged(dir) as staged: ... return staged.commit()``) it removes
+    them when the block raises, so no format repeats that clean-up."""
 
     def __init__(self, outdir: Path):
         self.outdir = Path(outdir)
         self.files: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
 
     def path(self, name: str) -> Path:
         final = self.outdir / name

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from mobykit.errors import BuildError
 from mobykit.image.outputs import IMAGE_ID_PATH, OutputContext
-from mobykit.image.pgzip import ParallelGzip
 from mobykit.image.tree import Entry, Tree
 
 BUSYBOX = "bin/busybox"
@@ -179,17 +178,11 @@ def loader_initrd(ctx: OutputContext) -> Path:
     """The gzip'd newc loader initrd of this build, made once however many formats need it."""
     if "root-loader" in ctx.shared:
         return ctx.shared["root-loader"]
-    from mobykit.image.cpio import write_newc
+    from mobykit.image.formats.initrd import write_gzip_cpio
 
     path = ctx.scratch("root-loader") / "loader.img"
     tree = loader_tree(root_tree(ctx), ctx.image_id)
     with open(path, "wb") as out:
-        gz = ParallelGzip(out)
-        try:
-            write_newc(tree, gz, ctx.mtime)
-        except BaseException:
-            gz.abort()
-            raise
-        gz.close()
+        write_gzip_cpio(tree, out, ctx.mtime)
     ctx.shared["root-loader"] = path
     return path

@@ -33,8 +33,7 @@ def output_aws(ctx: OutputContext) -> list[Path]:
 def output_gcp(ctx: OutputContext) -> list[Path]:
     """``NAME.img.tar.gz``: ``disk.raw`` (the raw-bios disk in whole GiB) in a sparse gzip'd tar."""
     raw = disk(ctx, "bios", fmt="gcp", whole_gib=True)
-    staged = Staged(ctx.outdir)
-    try:
+    with Staged(ctx.outdir) as staged:
         with open(staged.path(f"{ctx.name}.img.tar.gz"), "wb") as out:
             gz = ParallelGzip(out)
             try:
@@ -44,6 +43,3 @@ def output_gcp(ctx: OutputContext) -> list[Path]:
                 raise
             gz.close()
         return staged.commit()
-    except BaseException:
-        staged.discard()
-        raise

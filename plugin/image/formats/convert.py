@@ -29,9 +29,8 @@ def convert(ctx: OutputContext, fmt: str, firmware: Firmware, filename: str, qem
     then apply ``fixup`` to the written file (given with the disk's virtual size)."""
     claim(ctx, fmt, filename)
     raw = disk(ctx, firmware, fmt=fmt)
-    staged = Staged(ctx.outdir)
-    out = staged.path(filename)
-    try:
+    with Staged(ctx.outdir) as staged:
+        out = staged.path(filename)
         out.unlink(missing_ok=True)
         opts = ["-o", ",".join(options)] if options else []
         tools.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", qemu_format, *opts, str(raw), str(out)],
@@ -39,9 +38,6 @@ def convert(ctx: OutputContext, fmt: str, firmware: Firmware, filename: str, qem
         if fixup is not None:
             fixup(out, raw.stat().st_size)
         return staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
 
 
 def _vhd(ctx: OutputContext, fmt: str, subformat: str) -> list[Path]:

@@ -47,7 +47,6 @@ def boot_files(ctx: OutputContext) -> BootFiles:
     """Kernel, initrd and cmdline of this build, made once however many formats need them."""
     if "boot" in ctx.shared:
         return ctx.shared["boot"]
-    from mobykit.image.cpio import write_newc
 
     tree = ctx.canonical_tree()
     kernel = _file_at(tree, "boot/kernel")
@@ -69,18 +68,25 @@ def boot_files(ctx: OutputContext) -> BootFiles:
     with open(files.initrd, "wb") as out:
         if ucode is not None:
             _copy_content(ucode, out)
-        gz = ParallelGzip(out)
-        try:
-            write_newc(tree, gz, ctx.mtime)
-        except BaseException:
-            gz.abort()
-            raise
-        gz.close()
+        write_gzip_cpio(tree, out, ctx.mtime)
     text = b"".join(cmdline.source.chunks()) if cmdline is not None and cmdline.source is not None else b""
     files = BootFiles(kernel=files.kernel, initrd=files.initrd, cmdline=text.decode("utf-8", "replace").strip(),
                       cmdline_bytes=text)
     ctx.shared["boot"] = files
     return files
+
+
+def write_gzip_cpio(tree, out: BinaryIO, mtime: int) -> None:
+    """``tree`` as a gzip'd cpio newc (what the kernel unpacks as an initramfs) onto ``out``."""
+    from mobykit.image.cpio import write_newc
+
+    gz = ParallelGzip(out)
+    try:
+        write_newc(tree, gz, mtime)
+    except BaseException:
+        gz.abort()
+        raise
+    gz.close()
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -95,12 +101,8 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def output_kernel_initrd(ctx: OutputContext) -> list[Path]:
     """``NAME-kernel``, ``NAME-initrd.img``, ``NAME-cmdline`` (see the module docstring)."""
     boot = boot_files(ctx)
-    staged = Staged(ctx.outdir)
-    try:
+    with Staged(ctx.outdir) as staged:
         link_or_copy(boot.kernel, staged.path(f"{ctx.name}-kernel"))
         link_or_copy(boot.initrd, staged.path(f"{ctx.name}-initrd.img"))
         staged.path(f"{ctx.name}-cmdline").write_bytes(boot.cmdline_bytes)
         return staged.commit()
-    except BaseException:
-        staged.discard()
-        raise

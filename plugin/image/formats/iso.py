@@ -62,14 +62,10 @@ def _write_efi_iso(ctx: OutputContext, staging: Staging, out: Path, cmdline: str
 
 def _staged_output(ctx: OutputContext, filename: str, fill) -> list[Path]:
     """Run ``fill(staging, out)`` to write ``filename`` and commit it (or leave nothing)."""
-    staged = Staged(ctx.outdir)
-    try:
+    with Staged(ctx.outdir) as staged:
         work = ctx.scratch(filename)
         fill(Staging(work / "iso"), staged.path(filename))
         return staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
 
 
 @register("iso-bios")

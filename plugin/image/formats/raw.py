@@ -64,8 +64,7 @@ def publish(ctx: OutputContext, src: Path, filename: str) -> list[Path]:
     sparse copy after that, so no two outputs are one file (booting one writable would change
     the other, e.g. ``NAME-bios.img`` and aws's ``NAME.raw`` with ``--size 1G``)."""
     published: set[Path] = ctx.shared.setdefault("disk-published", set())
-    staged = Staged(ctx.outdir)
-    try:
+    with Staged(ctx.outdir) as staged:
         out = staged.path(filename)
         if src in published:
             sparse.copy(src, out)
@@ -73,9 +72,6 @@ def publish(ctx: OutputContext, src: Path, filename: str) -> list[Path]:
             sparse.link_or_copy(src, out)
             published.add(src)
         return staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
 
 
 @register("raw-bios")

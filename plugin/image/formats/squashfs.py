@@ -57,8 +57,7 @@ def make_squashfs(out: Path, tree: Tree, *, mtime: int, scratch: Path) -> Path:
 def output_kernel_squashfs(ctx: OutputContext) -> list[Path]:
     """``NAME-kernel``, ``NAME-squashfs.img``, ``NAME-cmdline``, ``NAME-squashfs-initrd.img``."""
     boot = boot_files(ctx)
-    staged = Staged(ctx.outdir)
-    try:
+    with Staged(ctx.outdir) as staged:
         link_or_copy(boot.kernel, staged.path(f"{ctx.name}-kernel"))
         image = staged.path(f"{ctx.name}-squashfs.img")
         make_squashfs(image, root_tree(ctx), mtime=ctx.mtime, scratch=ctx.scratch("squashfs"))
@@ -66,6 +65,3 @@ def output_kernel_squashfs(ctx: OutputContext) -> list[Path]:
         staged.path(f"{ctx.name}-cmdline").write_bytes(boot.cmdline_bytes)
         link_or_copy(loader_initrd(ctx), staged.path(f"{ctx.name}-squashfs-initrd.img"))
         return staged.commit()
-    except BaseException:
-        staged.discard()
-        raise

@@ -51,8 +51,7 @@ def output_tar_kernel_initrd(ctx: OutputContext) -> list[Path]:
     boot = boot_files(ctx)
     ucode = file_entry(ctx.canonical_tree(), "boot/ucode.cpio")
     ucode_size = ucode.size if ucode is not None else 0
-    staged = Staged(ctx.outdir)
-    try:
+    with Staged(ctx.outdir) as staged:
         with open(staged.path(f"{ctx.name}-initrd.tar"), "wb") as out:
             _member(out, "kernel", boot.kernel.stat().st_size, ctx.mtime)
             _copy(out, boot.kernel)
@@ -68,9 +67,6 @@ def output_tar_kernel_initrd(ctx: OutputContext) -> list[Path]:
                 out.write(data + bytes(-ucode_size % tarfile.BLOCKSIZE))
             out.write(bytes(2 * tarfile.BLOCKSIZE))
         return staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
 
 
 @register("docker")
@@ -80,11 +76,7 @@ def output_docker(ctx: OutputContext) -> list[Path]:
     if "Dockerfile" not in tree:
         tree.add_bytes("Dockerfile", DOCKERFILE.encode())
     tree.add_bytes(IMAGE_ID_PATH, (ctx.image_id + "\n").encode(), mode=0o444)
-    staged = Staged(ctx.outdir)
-    try:
+    with Staged(ctx.outdir) as staged:
         with open(staged.path(f"{ctx.name}.docker"), "wb") as out:
             write_tar(tree, out, ctx.mtime)
         return staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
