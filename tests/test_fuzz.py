@@ -9,14 +9,13 @@ JSON through the JSON-RPC dispatcher) and raw transport bodies (random bytes to 
 hostile HTTP bodies to the JSON-RPC socket).
 
 Bounded and deterministic: ``derandomize=True`` and no example database; Hypothesis's other caches
-go to $TMPDIR/mobykit-hypothesis, so nothing is left in ``.hypothesis/``. The file runs in 20-50 s.
+go to a temp dir of the run's own (tests/conftest.py), so nothing is left in ``.hypothesis/``. The file runs in 20-50 s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import socket
 import string
@@ -32,7 +31,6 @@ import yaml
 from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.configuration import set_hypothesis_home_dir
 
 from harness.mobykit_server import UnixHTTPConnection, post_raw
 from mobykit.cli.serve import compose
@@ -50,11 +48,6 @@ from mobykit.spec import yamlfile
 from mobykit.spec.load import loads
 from mobykit.spi.group import GroupSpec
 from mobykit.spi.types import Allocation
-
-# Hypothesis caches what it reads from source files in ./.hypothesis even without an example database,
-# and does so while pytest collects (before any fixture runs): point it outside the work tree now.
-if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
-    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "mobykit-hypothesis")
 
 FUZZ = settings(
     max_examples=150,
