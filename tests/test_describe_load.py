@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness.libvirtd import remove_everything
 from harness.mobykit_server import UnixHTTPConnection, post_raw, serve_process
 from mobykit.core.instance import InstanceCore
 from mobykit.core.singleflight import SingleFlight
@@ -212,19 +213,7 @@ def _spec(tags: dict[str, str]) -> MachineSpec:
 
 
 def _cleanup(p: LibvirtProvider) -> None:
-    for m in p.list({}):
-        p.destroy(m.id)
-    conn = libvirt.open(URI)
-    try:
-        pool = conn.storagePoolLookupByName(POOL)
-        for vol in pool.listAllVolumes(0):
-            vol.delete(0)
-        pool.destroy()
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass
-    conn.close()
-    p.close()
+    remove_everything(p, URI, POOL)
 
 
 @pytest.fixture

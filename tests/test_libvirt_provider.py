@@ -11,6 +11,7 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt")
 
+from harness.libvirtd import remove_everything  # noqa: E402
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound  # noqa: E402
 from mobykit.providers.base import BootImage, MachineSpec  # noqa: E402
 from mobykit.providers.libvirt import LibvirtProvider, created_ns, parse_publish  # noqa: E402
@@ -24,19 +25,7 @@ def provider():
     (test:///default keeps its state for the whole process)."""
     p = LibvirtProvider({"URI": URI, "Pool": "mobykit-test"})
     yield p
-    for m in p.list({}):
-        p.destroy(m.id)
-    conn = libvirt.open(URI)
-    try:
-        pool = conn.storagePoolLookupByName("mobykit-test")
-        for vol in pool.listAllVolumes(0):
-            vol.delete(0)
-        pool.destroy()
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass
-    conn.close()
-    p.close()
+    remove_everything(p, URI, "mobykit-test")
 
 
 def _spec(tags=None, **props) -> MachineSpec:

@@ -124,3 +124,23 @@ def boot_files() -> Iterator[BootFiles]:
         yield BootFiles(kernel=guest_kernel(), initrd=make_initrd(d / "initrd.img", image_id), image_id=image_id)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def remove_everything(provider, uri: str, pool: str) -> None:
+    """Destroy every domain ``provider`` lists, then empty and remove ``pool`` and close the provider:
+    what a test on libvirt's mock driver made (test:///default keeps its state for the whole process)."""
+    import libvirt
+
+    for m in provider.list({}):
+        provider.destroy(m.id)
+    conn = libvirt.open(uri)
+    try:
+        p = conn.storagePoolLookupByName(pool)
+        for vol in p.listAllVolumes(0):
+            vol.delete(0)
+        p.destroy()
+        p.undefine()
+    except libvirt.libvirtError:
+        pass
+    conn.close()
+    provider.close()
