@@ -161,11 +161,26 @@ class FakeInstancePlugin:
 
 
 class FakeFlavorPlugin:
-    """Vanilla-like (Init lines and Tags from its properties) with boot-time health."""
+    """Vanilla-like (Init lines and Tags from its properties) with boot-time health.
+
+    Health events as the moby flavor's console watch sends them: ``subscribe_health`` registers a
+    listener, and ``announce(id)`` (the test plays the watch) calls every listener with that id.
+    ``events=False`` makes it a flavor without events (one reached over Infrakit's JSON-RPC)."""
 
     def __init__(self, world: FakeWorld):
         self.w = world
         self.prepared: list[Index] = []
+        self.listeners: list[Callable[[str], None]] = []
+        self.healthy_calls = 0
+
+    def subscribe_health(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener)
+
+    def announce(self, *instance_ids: str) -> None:
+        for iid in instance_ids:
+            for listener in list(self.listeners):
+                listener(iid)
 
     def validate(self, type: str, properties: Any, allocation: Allocation) -> None:
         return None
@@ -179,6 +194,7 @@ class FakeFlavorPlugin:
 
     def healthy(self, type: str, properties: Any, instance: Description) -> Health:
         with self.w.lock:
+            self.healthy_calls += 1
             inst = self.w.instances.get(instance.id)
             return Health.UNKNOWN if inst is None else self.w.health(inst)
 

@@ -6,9 +6,11 @@ stopped, including in the middle of a rolling update. What it keeps in memory is
 lost safely: the committed spec, the previous one (for rollback), when each new instance was
 first seen healthy (lost = wait MinReadySeconds again), what it has in flight, and its back-off.
 
-It wakes on a commit, a size change, or a finished provision/destroy (event-driven, so it reacts
-within the time of one plugin call) and also re-checks every ``poll_interval`` seconds, and at the
-exact moment a MinReadySeconds or a back-off runs out.
+It wakes on a commit, a size change, a finished provision/destroy, or a health change its flavor
+reports (``subscribe_health``: the moby flavor's console watch), so it reacts within the time of one
+plugin call (``wake.py``); many wake-ups before the next pass are one pass. It also re-checks every
+``poll_interval`` seconds (``idle_poll_interval`` once converged, when its flavor reports health:
+a lost event is still caught, later), and at the exact moment a MinReadySeconds or a back-off runs out.
 
 Never double-provisions: a Provision that is running, or that returned after the listing in hand
 was started, is counted as a member ("provisional") until a later listing shows it. Instances
@@ -31,6 +33,7 @@ from mobykit.group.model import BOOTSTRAP, GROUP_TAG, HASH_TAG, LOGICAL_ID_TAG, 
 from mobykit.group.quorum import plan_quorum
 from mobykit.group.scaler import plan_scaled
 from mobykit.group.spec import GroupConfig, plugin_type
+from mobykit.group.wake import COMMIT, DONE, HEALTH, HealthSubscription, Pacer
 from mobykit.spi.flavor import FlavorPlugin
 from mobykit.spi.instance import InstancePlugin
 from mobykit.spi.types import Description, DestroyReason, Health, Index, Spec
@@ -43,6 +46,9 @@ class Options:
     """Controller settings (the server's config, not the group spec)."""
 
     poll_interval: float = 5.0
+    # The poll of a converged group whose flavor reports health changes (changes arrive as events;
+    # this only catches a lost one, or an instance removed behind the controller's back).
+    idle_poll_interval: float = 30.0
     max_parallel: int = 32  # concurrent provisions/destroys per group (Infrakit: unlimited); a cloud group of 20 converges in one wave
     self_logical_id: str | None = None  # the instance this controller runs on: never destroyed
     self_id: str | None = None
@@ -102,7 +108,11 @@ class GroupController:
         self.metrics = metrics or _Noop()
         self.inline = inline  # act synchronously inside reconcile() (deterministic tests)
         self._lock = threading.RLock()
-        self._wake = threading.Event()
+        self._pacer = Pacer()  # passes by what caused them: self._pacer.passes (wake.py)
+        self._wake = self._pacer.wake
+        self.passes = self._pacer.passes
+        self._health = HealthSubscription(self._is_member, lambda: self.wake(HEALTH))
+        self._known: frozenset[str] = frozenset()  # the ids of the last listing (for health events)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -123,6 +133,10 @@ class GroupController:
         self._next_wake: float | None = None
         self._status = Status(config.id, config.hash, config.target)
         self._generation = 0  # bumped by every commit/resize: a pass that began before is stale
+        # Hooks for the server (mobykit.group.plugin): ``guard`` raises NotLeader when this server may
+        # not act (called before every provision and destroy); ``on_change`` persists after each pass.
+        self.guard: Callable[[], None] | None = None
+        self.on_change: Callable[[], None] | None = None
 
     # -- what the plugin calls ------------------------------------------------------------------
 
@@ -161,12 +175,16 @@ class GroupController:
         with self._lock:
             return replace(self._status, by_config=dict(self._status.by_config))
 
-    def wake(self) -> None:
-        self._wake.set()
+    def wake(self, reason: str = COMMIT) -> None:
+        self._wake.set(reason)
+
+    def _is_member(self, instance_id: str) -> bool:
+        return instance_id in self._known or instance_id in self._provisioned
 
     def start(self) -> None:
         if self._thread is not None:
             return
+        self._health.follow(self.flavor)
         self._pool = ThreadPoolExecutor(self.options.max_parallel, thread_name_prefix=f"group-{self._config.id}")
         self._thread = threading.Thread(target=self._loop, name=f"group-{self._config.id}", daemon=True)
         self._thread.start()
@@ -174,6 +192,7 @@ class GroupController:
     def stop(self, wait: bool = True) -> None:
         """Stop acting. Calls in flight finish (a Provision cannot be taken back halfway)."""
         self._stop.set()
+        self._health.cancel()
         self._wake.set()
         if self._thread is not None and wait:
             self._thread.join()
@@ -183,14 +202,30 @@ class GroupController:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.reconcile()
+                self.tick()
             except Exception:  # a plugin that is down must not kill the controller
                 log.exception("reconcile failed group=%s", self._config.id)
-            timeout = self.options.poll_interval
-            if self._next_wake is not None:
-                timeout = max(0.0, min(timeout, self._next_wake - self.clock()))
-            self._wake.wait(timeout)
-            self._wake.clear()
+            self._wake.wait(max(0.0, self._due() - self.clock()))
+
+    def tick(self) -> frozenset[str] | None:
+        """One turn of the loop, without waiting: a pass when something woke the controller or its
+        poll or a timer is due by ``clock``. Returns why the pass ran, None when none ran (tests
+        drive this with a virtual clock; the thread calls it between waits)."""
+        if not self._stop.is_set():
+            self._health.follow(self.flavor)  # a commit may have named another flavor
+        reasons = self._pacer.take(self.clock(), self._poll_interval(), self._next_wake)
+        if reasons:
+            self.reconcile()
+        return reasons
+
+    def _poll_interval(self) -> float:
+        o = self.options
+        if self._health.live and self._status.converged:
+            return max(o.poll_interval, o.idle_poll_interval)
+        return o.poll_interval
+
+    def _due(self) -> float:
+        return self._pacer.due(self.clock(), self._poll_interval(), self._next_wake)
 
     # -- one pass -------------------------------------------------------------------------------
 
@@ -250,6 +285,7 @@ class GroupController:
             for token, lid in self._provisioning.items():
                 members.append(Member(id=f"(provisioning #{token})", hash=cfg.hash, logical_id=lid, provisional=True))
             self._next_wake = next_wake
+            self._known = frozenset(seen)
         return members
 
     def destroy_instances(self, ids: list[str]) -> None:
@@ -305,6 +341,8 @@ class GroupController:
         plan.create = creates
         self._update_status(cfg, members, plan, generation)
         self.metrics.reconciled(cfg.id, time.process_time() - t0)
+        if self.on_change is not None:
+            self.on_change()  # a halt or rollback is stored before anything acts on it
         for r in plan.remove:
             self._start_remove(cfg, r)
         base = sum(1 for m in members if not m.leaving)
@@ -375,6 +413,8 @@ class GroupController:
             spec.tags = {**(spec.tags or {}), **tags}  # ours win: they are the group's only state
             if lid:
                 spec.logical_id = lid
+            if self.guard is not None:
+                self.guard()
             iid = self.instance.provision(plugin_type(cfg.instance_plugin), spec)
         except Exception as e:
             error = e
@@ -393,7 +433,7 @@ class GroupController:
                     log.info("provision waits group=%s: %s", cfg.id, error)
                 elif error is not None:
                     self._record_failure(cfg, error)
-            self.wake()
+            self.wake(DONE)
         if iid is not None:
             log.info("provisioned group=%s instance=%s hash=%s logical_id=%s", cfg.id, iid, cfg.hash, lid)
             self.metrics.provisioned(cfg.id, True)
@@ -425,6 +465,8 @@ class GroupController:
             self._leaving.add(m.id)
         ok = False
         try:
+            if self.guard is not None:
+                self.guard()
             desc = m.description or Description(id=m.id)
             # Infrakit's SkipBeforeInstanceDestroy "drain": a rolling update destroys without
             # draining (a termination, e.g. scale down, still drains).
@@ -444,7 +486,7 @@ class GroupController:
                 if ok:
                     self._destroyed[m.id] = self._seq
                     self._healthy_since.pop(m.id, None)
-            self.wake()
+            self.wake(DONE)
         if ok:
             log.info("destroyed group=%s instance=%s reason=%s", cfg.id, m.id, removal.reason.value)
             self.metrics.destroyed(cfg.id, removal.reason.value)
