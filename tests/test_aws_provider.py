@@ -327,20 +327,50 @@ def test_an_instance_in_another_region_is_published_listed_labelled_and_destroye
     assert p.list({GROUP_TAG: "eu"}) == []
 
 
-def test_a_stopped_instance_stays_listed_and_has_no_console(aws, tmp_path):
-    """Stopped instances are listed (so they can be replaced and destroyed, also through a namespace),
-    and their last boot's ready line is not served as if they were up."""
+def server_filters(calls: list[dict[str, str]], action: str) -> list[dict[str, set[str]]]:
+    """The ``Filter.N.Name``/``Filter.N.Value.M`` of each recorded call of ``action``, as name -> values."""
+    out = []
+    for c in calls:
+        if c.get("Action") != action:
+            continue
+        filters: dict[str, set[str]] = {}
+        for key, name in c.items():
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "Filter" and parts[2] == "Name":
+                prefix = f"Filter.{parts[1]}.Value."
+                filters[name] = {v for k, v in c.items() if k.startswith(prefix)}
+        out.append(filters)
+    return out
+
+
+def test_listings_are_pending_and_running_on_the_server_and_a_groups_stopped_instances_are_terminated(aws, tmp_path):
+    """A stopped instance is no member (listings filter states pending and running on the server, as
+    Infrakit's AWS plugin does), so its group replaces it; the group's listing then has the provider
+    terminate it, as an Auto Scaling group does, rather than leave it behind with the group's tags.
+    Only that group's stopped instances, in that namespace: nothing else is touched."""
     p = provider()
+    p.reap_interval = 0.0
     image = fake_image(tmp_path)
     p.publish_image(image, {"Image": image.id})
-    m = p.create(MachineSpec({"Image": image.id}, {GROUP_TAG: "stops"}))
-    p.list({GROUP_TAG: "stops"})
-    assert "mobykit: ready" in p.console_output(m.id)
-    ec2().stop_instances(InstanceIds=[m.id])
-    [stopped] = p.list({GROUP_TAG: "stops"})
-    assert stopped.state in ("stopping", "stopped") and p.console_output(m.id) == ""
-    p.destroy(m.id)
-    assert p.list({GROUP_TAG: "stops"}) == []
+    props = {"Image": image.id}
+    keep, stop = (p.create(MachineSpec(props, {GROUP_TAG: "stops", "ns": "a"})) for _ in range(2))
+    elsewhere = p.create(MachineSpec(props, {GROUP_TAG: "stops", "ns": "b"}))  # another deployment's
+    loose = p.create(MachineSpec(props, {"ns": "a"}))  # no group's
+    ec2().stop_instances(InstanceIds=[stop.id, elsewhere.id, loose.id])
+    aws.faults.record = []
+    assert [m.id for m in p.list({GROUP_TAG: "stops", "ns": "a"})] == [keep.id]
+    assert [m.id for m in p.list({"ns": "a"})] == [keep.id]
+    listed = server_filters(aws.faults.record, "DescribeInstances")[:2]
+    assert listed == [{"instance-state-name": {"pending", "running"}, f"tag:{GROUP_TAG}": {"stops"}, "tag:ns": {"a"}},
+                      {"instance-state-name": {"pending", "running"}, "tag:ns": {"a"}}]
+
+    def state(iid: str) -> str:
+        return ec2_backend(REGION).get_instance(iid)._state.name
+
+    wait_until(lambda: state(stop.id) in ("shutting-down", "terminated"), "the group's stopped instance terminated")
+    assert state(keep.id) == "running"
+    assert state(elsewhere.id) == "stopped" and state(loose.id) == "stopped"
+    p.close()
 
 
 def test_a_retried_runinstances_whose_answer_was_lost_starts_one_instance(aws, tmp_path):
@@ -505,6 +535,18 @@ def test_with_throttling_and_5xx_on_a_fifth_of_calls_the_group_still_converges_a
     assert sum(injected.values()) >= 10 and set(injected) == {"throttle", "503", "lost"}, injected
     assert seen["bounds"].most <= 3 + 1 and seen["bounds"].least >= 3
     assert_clean(world, seen)
+
+
+def test_a_stopped_member_is_replaced_and_terminated_not_leaked(world, aws):
+    world["provider"].reap_interval = 0.0
+    ctl = world["start"](group(world["root"] / "v1.yml", 2))
+    converge(ctl, 2)
+    victim = backend_instances("workers")[0]
+    ec2().stop_instances(InstanceIds=[victim.id])
+    wait_until(lambda: victim._state.name in ("shutting-down", "terminated"), "the stopped member terminated")
+    converge(ctl, 2)
+    assert victim.id not in {i.id for i in backend_instances("workers")}
+    assert len(backend_instances("workers", live=False)) == 3  # one replacement, no duplicate
 
 
 # -- console reads ---------------------------------------------------------------------------------

@@ -7,8 +7,11 @@ Why the calls look the way they do:
 - ``ClientToken`` is new for each ``create`` and fixed across botocore's retries of that call
   (the token is part of the request botocore resends), so a retry of a RunInstances whose answer
   was lost returns the first instance instead of starting a second.
-- Listings filter on the server (``tag:K=V`` for every tag, live states) and are paginated, so
-  an account with thousands of instances costs one or two pages per group, not a full scan.
+- Listings filter on the server (``tag:K=V`` for every tag, states pending and running, as
+  Infrakit's AWS plugin lists) and are paginated, so an account with thousands of instances costs
+  one or two pages per group, not a full scan. A stopped instance is not a member: its group
+  replaces it, and the provider terminates it (``provider.AWSProvider.reap``), as an EC2 Auto
+  Scaling group does with an instance that is not running.
 - Tags are the only state: the logical id is the tag ``mobykit.logical_id``. Tags under ``aws:``
   belong to AWS and are never removed or written.
 """
@@ -23,9 +26,11 @@ from mobykit.providers.aws.clients import api
 from mobykit.providers.aws.properties import LOGICAL_ID_TAG
 from mobykit.providers.base import Machine
 
-# Listed: every state a machine still costs money or could come back from (a stopped instance
-# must be seen to be replaced and destroyed); shutting-down/terminated are gone for the SPI.
-LISTED_STATES = ("pending", "running", "stopping", "stopped")
+# Listed: the states of a machine that is, or is about to be, up (Infrakit's AWS plugin lists the
+# same). Stopping/stopped ones are found separately, to be terminated (OFF_STATES);
+# shutting-down/terminated are gone for the SPI.
+LISTED_STATES = ("pending", "running")
+OFF_STATES = ("stopping", "stopped")
 STATE = {"pending": "pending", "running": "running", "stopping": "stopping", "stopped": "stopped",
          "shutting-down": "terminated", "terminated": "terminated"}
 PAGE = 500
@@ -68,9 +73,10 @@ def run(ec2: Any, request: dict[str, Any]) -> Machine:
     return machine(r["Instances"][0])
 
 
-def describe(ec2: Any, tags: dict[str, str], ids: list[str] | None = None) -> list[Machine]:
-    """Live instances with every one of ``tags`` (filtered by EC2), sorted by id."""
-    filters = [{"Name": "instance-state-name", "Values": list(LISTED_STATES)}]
+def describe(ec2: Any, tags: dict[str, str], ids: list[str] | None = None,
+             states: tuple[str, ...] = LISTED_STATES) -> list[Machine]:
+    """Instances in ``states`` with every one of ``tags`` (both filtered by EC2), sorted by id."""
+    filters = [{"Name": "instance-state-name", "Values": list(states)}]
     filters += [{"Name": f"tag:{k}", "Values": [v]} for k, v in sorted(tags.items())]
     kwargs: dict[str, Any] = {"Filters": filters}
     if ids:
@@ -130,5 +136,5 @@ def console(ec2: Any, instance_id: str) -> str:
     return r.get("Output") or ""
 
 
-__all__ = ["LISTED_STATES", "console", "describe", "get", "machine", "run", "set_tags", "tag_dict",
+__all__ = ["LISTED_STATES", "OFF_STATES", "console", "describe", "get", "machine", "run", "set_tags", "tag_dict",
            "tag_list", "terminate"]

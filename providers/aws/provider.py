@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -23,13 +26,17 @@ from mobykit.providers.aws.publish import Publisher
 from mobykit.providers.base import BootImage, Machine, MachineSpec
 
 GROUP_TAG = "infrakit.group"  # what a group controller lists by (Infrakit's tag)
+REAP_INTERVAL = 30.0  # seconds between looks for a group's stopped instances (see ``reap``)
+
+log = logging.getLogger("mobykit.providers.aws")
 
 
 class AWSProvider:
     """``mobykit.providers.base.Provider`` over EC2. Thread-safe; clients are made per region.
 
-    ``poll`` (seconds between waiter polls), ``parallel`` (PutSnapshotBlock calls in flight) and
-    ``settle`` (publish.SETTLE) are attributes a test or benchmark may change; the config keys are Region, Import and Bucket.
+    ``poll`` (seconds between waiter polls), ``parallel`` (PutSnapshotBlock calls in flight),
+    ``settle`` (publish.SETTLE) and ``reap_interval`` are attributes a test or benchmark may change;
+    the config keys are Region, Import and Bucket.
     """
 
     name: ClassVar[str] = "aws"
@@ -44,7 +51,9 @@ class AWSProvider:
         self._publishers: dict[str, Publisher] = {}
         self._amis: dict[tuple[str, str], str] = {}  # (region, image id) -> AMI, once published
         self._regions: dict[str, None] = {}  # regions used besides the default, in first-use order
-        self._off: set[str] = set()  # instances the last listing showed stopping or stopped
+        self.reap_interval = REAP_INTERVAL
+        self._reaps: dict[tuple[tuple[str, str], ...], float] = {}  # a group's tags -> its last reap
+        self._reaper: ThreadPoolExecutor | None = None
         self.consoles = ConsoleReads(self._console)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -166,24 +175,57 @@ class AWSProvider:
             instances.terminate(ec2, id)
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
+        """Pending and running instances with ``tags`` (both filtered by EC2). A group's listing
+        also starts its consoles' reads (console.py) and, now and then, its ``reap``."""
         found = sorted((m for ec2 in self._ec2s() for m in instances.describe(ec2, dict(tags))), key=lambda m: m.id)
-        with self._lock:
-            for m in found:
-                if m.state in ("stopping", "stopped"):
-                    self._off.add(m.id)
-                else:
-                    self._off.discard(m.id)
         if GROUP_TAG in tags:  # a group's listing: its health pass reads these consoles next (console.py)
             self.consoles.prefetch([m.id for m in found])
+            self._start_reap(tags)
         return found
 
-    def console_output(self, id: str) -> str:
-        """GetConsoleOutput; "" for an instance the last listing saw stopped: EC2 keeps serving the
-        console of its last boot, whose ready line would keep a dead machine HEALTHY in the moby
-        flavor's console mode, while no console lets its health Deadline decide."""
+    def reap(self, tags: dict[str, str]) -> list[str]:
+        """Terminate the stopping and stopped instances with ``tags`` (a group's, with the core's
+        NamespaceTags); returns their ids.
+
+        Why: a group lists only pending and running instances, so one that stops (by hand, an
+        instance retirement, a shutdown inside the guest) stops being a member and is replaced. Left
+        alone it would stay behind with the group's tags and its volumes, costing money, and no
+        Destroy would ever reach it. An EC2 Auto Scaling group does the same: an instance that is
+        not running is unhealthy and is terminated. To keep a stopped instance, take it out of
+        its group first (change its ``infrakit.group`` tag)."""
+        reaped = []
+        for ec2 in self._ec2s():
+            for m in instances.describe(ec2, dict(tags), states=instances.OFF_STATES):
+                log.warning("terminating %s instance %s of %s: it is no longer a member and was replaced",
+                            m.state, m.id, tags.get(GROUP_TAG))
+                instances.terminate(ec2, m.id)
+                reaped.append(m.id)
+        return reaped
+
+    def _start_reap(self, tags: dict[str, str]) -> None:
+        """``reap`` in the background, at most once per ``reap_interval`` per group (it costs one
+        DescribeInstances, and the listing that triggers it must not wait for it)."""
+        key = tuple(sorted(tags.items()))
+        now = time.monotonic()
         with self._lock:
-            if id in self._off:
-                return ""
+            last = self._reaps.get(key)
+            if last is not None and now - last < self.reap_interval:
+                return
+            self._reaps[key] = now
+            if self._reaper is None:
+                self._reaper = ThreadPoolExecutor(1, thread_name_prefix="aws-reap")
+            self._reaper.submit(self._reap_in_background, key)
+
+    def _reap_in_background(self, key: tuple[tuple[str, str], ...]) -> None:
+        try:
+            self.reap(dict(key))
+        except Exception as e:  # the next listing tries again
+            log.warning("looking for stopped instances of %s failed: %s", dict(key).get(GROUP_TAG), e)
+            with self._lock:
+                self._reaps.pop(key, None)
+
+    def console_output(self, id: str) -> str:
+        """GetConsoleOutput (through a listing's prefetched reads, console.py)."""
         return self.consoles.get(id)
 
     def _console(self, id: str) -> str:
@@ -191,3 +233,7 @@ class AWSProvider:
 
     def close(self) -> None:
         self.consoles.close()
+        with self._lock:
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.shutdown(wait=True, cancel_futures=True)

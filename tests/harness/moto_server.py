@@ -24,11 +24,13 @@ process (so it only works for the in-process server) and every patch is undone o
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,7 +47,10 @@ IMAGE_TAG = "mobykit.image"
 @dataclass
 class Faults:
     """WSGI middleware in front of moto: ``latency`` seconds per call, and a ``rate`` (0..1) of calls
-    failed, drawn from a seeded RNG; ``kinds`` picks among "throttle", "503" and "lost"."""
+    failed, drawn from a seeded RNG; ``kinds`` picks among "throttle", "503" and "lost".
+    ``record``: when a list, the parameters of every EC2 (query protocol) call are appended to it as
+    the server received them (``{"Action": ..., "Filter.1.Name": ...}``), so a test can check what
+    was filtered on the server."""
 
     app: Callable[..., Any]
     rate: float = 0.0
@@ -54,6 +59,7 @@ class Faults:
     seed: int = 0
     injected: dict[str, int] = field(default_factory=dict)
     calls: int = 0
+    record: list[dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -62,6 +68,8 @@ class Faults:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO", "").startswith("/moto-api"):
             return self.app(environ, start_response)
+        if self.record is not None:
+            self._record(environ)
         with self._lock:
             self.calls += 1
             kind = self._rng.choice(self.kinds) if self._rng.random() < self.rate else None
@@ -80,6 +88,18 @@ class Faults:
             del body
             return _error(start_response, rest_json, 500, "InternalError", "injected: answer lost")
         return self.app(environ, start_response)
+
+
+    def _record(self, environ: dict[str, Any]) -> None:
+        if not environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
+            return
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(size)
+        environ["wsgi.input"] = io.BytesIO(body)  # moto reads it again
+        params = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode(), keep_blank_values=True).items()}
+        with self._lock:
+            if self.record is not None:
+                self.record.append(params)
 
 
 def _error(start_response: Callable[..., Any], rest_json: bool, status: int, code: str, message: str) -> list[bytes]:
@@ -117,7 +137,7 @@ class MotoServer(ThreadedMotoServer):
         import urllib.request
 
         urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")).read()
-        self.faults.rate, self.faults.latency = 0.0, 0.0
+        self.faults.rate, self.faults.latency, self.faults.record = 0.0, 0.0, None
 
 
 def ec2_backend(region: str) -> Any:
