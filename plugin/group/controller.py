@@ -137,10 +137,6 @@ class GroupController:
         # not act (called before every provision and destroy); ``on_change`` persists after each pass.
         self.guard: Callable[[], None] | None = None
         self.on_change: Callable[[], None] | None = None
-        # Hooks for the server (mobykit.group.plugin): ``guard`` raises NotLeader when this server may
-        # not act (called before every provision and destroy); ``on_change`` persists after each pass.
-        self.guard: Callable[[], None] | None = None
-        self.on_change: Callable[[], None] | None = None
 
     # -- what the plugin calls ------------------------------------------------------------------
 
@@ -347,8 +343,6 @@ class GroupController:
         self.metrics.reconciled(cfg.id, time.process_time() - t0)
         if self.on_change is not None:
             self.on_change()  # a halt or rollback is stored before anything acts on it
-        if self.on_change is not None:
-            self.on_change()  # a halt or rollback is stored before anything acts on it
         for r in plan.remove:
             self._start_remove(cfg, r)
         base = sum(1 for m in members if not m.leaving)
@@ -421,8 +415,6 @@ class GroupController:
                 spec.logical_id = lid
             if self.guard is not None:
                 self.guard()
-            if self.guard is not None:
-                self.guard()
             iid = self.instance.provision(plugin_type(cfg.instance_plugin), spec)
         except Exception as e:
             error = e
@@ -473,8 +465,6 @@ class GroupController:
             self._leaving.add(m.id)
         ok = False
         try:
-            if self.guard is not None:
-                self.guard()
             if self.guard is not None:
                 self.guard()
             desc = m.description or Description(id=m.id)
