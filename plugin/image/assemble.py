@@ -3,6 +3,10 @@
 - ``boot/kernel``, ``boot/cmdline``, ``boot/ucode.cpio`` from the kernel image, and the contents of
   its ``kernel.tar`` (modules) at the root;
 - every ``init`` image's root filesystem at the root, later images over earlier ones;
+- each ``volumes`` entry at ``containers/volumes/NAME``: ``lower/`` (empty, the image's root
+  filesystem, or the image as an OCI image layout), ``merged/`` (what binds name; the init mounts
+  lower there) and, unless the volume is read-only, ``tmp/`` (the init's tmpfs for the overlay's
+  upper layer), as LinuxKit lays them out;
 - one OCI bundle per onboot/service/onshutdown entry (``mobykit.image.bundle``);
 - the ``files`` section, so it can override anything above;
 - the SBOM (``mobykit.image.sbom``) at ``/sbom.spdx.json`` last, as ``linuxkit build`` writes it
@@ -92,9 +96,11 @@ class _Unpacker:
 
 
 def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progress=None,
-             sbom: Callable[[list[Placement]], bytes] | None = None) -> Tree:
+             sbom: Callable[[list[Placement]], bytes] | None = None,
+             oci_volumes: dict[str, list[ImageInfo]] | None = None) -> Tree:
     """The image's tree. ``sbom`` (``mobykit.image.sbom.ImageSbom``) is given where each image
-    was unpacked and returns the document to put at ``SBOM_PATH``."""
+    was unpacked and returns the document to put at ``SBOM_PATH``. ``oci_volumes``: for each
+    ``format: oci`` volume (by name), its image for each of its platforms, in order."""
     from mobykit.image.progress import silent
 
     unpack = _Unpacker(cache, images, work, progress or silent())
@@ -106,6 +112,19 @@ def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progr
     for ref in spec.init:
         tree.graft("", unpack(ref))
         placements.append(Placement(ref, ""))
+    for vol in spec.volumes:
+        lower = f"{vol.dir}/lower"
+        tree.add_dir(vol.dir, mode=0o755)
+        if vol.image and vol.is_oci:
+            _add_oci_layout(tree, lower, vol.image, (oci_volumes or {})[vol.name], cache)
+        elif vol.image:
+            tree.graft(lower, unpack(vol.image))
+            placements.append(Placement(vol.image, lower))
+        else:
+            tree.add_dir(lower, mode=0o755)
+        tree.add_dir(f"{vol.dir}/merged", mode=0o755)
+        if not vol.readonly:
+            tree.add_dir(f"{vol.dir}/tmp", mode=0o755)
     for kind in KINDS:
         for entry in getattr(spec, kind):
             rootfs = unpack(entry.image)
@@ -119,6 +138,37 @@ def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progr
         tree.add_bytes(SBOM_PATH, sbom(placements), mode=0o644)
     share_identical_files(tree)
     return tree
+
+
+def _add_oci_layout(tree: Tree, root: str, ref: str, infos: list[ImageInfo], cache: Cache) -> None:
+    """``ref`` as an OCI image layout at ``root``: ``oci-layout``, ``index.json`` naming one
+    manifest per platform (annotated with the reference), and every blob those manifests need,
+    referenced straight from the cache (the tar copies them; nothing is unpacked)."""
+    from mobykit.image.cache import media_type_of
+
+    tree.add_dir(root, mode=0o755)
+    tree.add_bytes(f"{root}/oci-layout", b'{"imageLayoutVersion":"1.0.0"}', mode=0o644)
+    manifests, blobs = [], []
+    for info in infos:
+        doc = cache.read_json(info.digest)
+        platform = {"architecture": info.config.get("architecture", ""), "os": info.config.get("os", "linux")}
+        if info.config.get("variant"):
+            platform["variant"] = info.config["variant"]
+        manifests.append({"mediaType": media_type_of(doc), "digest": info.digest,
+                          "size": cache.blob_path(info.digest).stat().st_size, "platform": platform,
+                          "annotations": {"org.opencontainers.image.ref.name": ref}})
+        blobs += [info.digest, doc["config"]["digest"], *(layer.digest for layer in info.layers)]
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
+    tree.add_bytes(f"{root}/index.json", json.dumps(index, sort_keys=True, separators=(",", ":")).encode(), mode=0o644)
+    tree.add_dir(f"{root}/blobs", mode=0o755)
+    for digest in dict.fromkeys(blobs):
+        algo, _, hexdigest = digest.partition(":")
+        if f"{root}/blobs/{algo}" not in tree:
+            tree.add_dir(f"{root}/blobs/{algo}", mode=0o755)
+        path = cache.blob_path(digest)
+        size = path.stat().st_size
+        tree.add(Entry(path=f"{root}/blobs/{algo}/{hexdigest}", type="file", mode=0o644, size=size,
+                       source=FileContent(path, 0, size)))
 
 
 def share_identical_files(tree: Tree, min_size: int = 4096) -> int:

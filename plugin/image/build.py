@@ -106,11 +106,30 @@ def parse_size(text: str | int | None) -> int | None:
     return value
 
 
+def oci_platforms(vol, arch: str) -> list[str]:
+    """The architectures (``amd64``, ``arm/v7``) a ``format: oci`` volume holds: its
+    ``platforms`` (``linux/ARCH[/VARIANT]``), each once, or the build's."""
+    return list(dict.fromkeys(p.split("/", 1)[1] for p in vol.platforms)) if vol.platforms else [arch]
+
+
+def arch_refs(spec, arch: str) -> list[str]:
+    """The references the build resolves for ``arch``: all but those only an OCI volume uses
+    for other platforms (an image need not exist for the build's architecture to be carried)."""
+    others = {v.image for v in spec.volumes if v.image and v.is_oci and arch not in oci_platforms(v, arch)}
+    needed = {e.image for e in spec.entries()} | set(spec.init) | {v.image for v in spec.volumes
+                                                                      if v.image and not v.is_oci}
+    if spec.kernel is not None and spec.kernel.image:
+        needed.add(spec.kernel.image)
+    return [r for r in spec.refs() if r in needed or r not in others]
+
+
 def input_key(spec, images: dict[str, ImageInfo], locals_: dict[str, str], arch: str, mtime: int,
-              size: int | None = None, attestations: dict[str, list[str]] | None = None) -> str:
+              size: int | None = None, attestations: dict[str, list[str]] | None = None,
+              oci_volumes: dict[str, list[ImageInfo]] | None = None) -> str:
     """sha256 over everything the outputs are a function of; computed before any layer is read.
     ``attestations``: the SBOM attestation manifests each image's index lists (what the SBOM
-    merges), since an index can be re-pushed with another SBOM for the same image manifest."""
+    merges), since an index can be re-pushed with another SBOM for the same image manifest.
+    ``oci_volumes``: the manifests each ``format: oci`` volume carries, one per platform."""
     doc = {
         "build-format": BUILD_FORMAT,
         "arch": arch,
@@ -120,6 +139,8 @@ def input_key(spec, images: dict[str, ImageInfo], locals_: dict[str, str], arch:
         "attestations": {ref: digests for ref, digests in sorted((attestations or {}).items()) if digests},
         "local-files": dict(sorted(locals_.items())),
         **({"size": size} if size is not None else {}),  # disk formats only; absent keeps old keys
+        **({"oci-volumes": {name: [i.digest for i in infos] for name, infos in sorted(oci_volumes.items())}}
+           if oci_volumes else {}),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -173,10 +194,13 @@ def build(
 
     registry = Registry(cache, insecure=insecure, progress=progress)
     concrete = {ref: resolve_template(ref, specs, cache) for ref in spec.refs()}
-    images = {ref: ensure(cache, concrete[ref], arch, pull=pull, registry=registry) for ref in spec.refs()}
+    images = {ref: ensure(cache, concrete[ref], arch, pull=pull, registry=registry) for ref in arch_refs(spec, arch)}
+    oci_volumes = {v.name: [images[v.image] if a == arch else ensure(cache, concrete[v.image], a, pull=pull, registry=registry)
+                            for a in oci_platforms(v, arch)]
+                   for v in spec.volumes if v.image and v.is_oci}
     locals_ = local_inputs(spec)
     attestations = {ref: attestation_digests(cache, info) for ref, info in images.items()}
-    key = input_key(spec, images, locals_, arch, mtime, size, attestations)
+    key = input_key(spec, images, locals_, arch, mtime, size, attestations, oci_volumes)
     inputs = {ref: info.digest for ref, info in images.items()}
 
     meta_path = outdir / f"{name}.json"
@@ -195,9 +219,10 @@ def build(
         # and with local files by content only: their absolute paths must not make the same spec
         # built from another directory a different image.
         by_content = {str(i): digest for i, digest in enumerate(locals_.values())}
-        sbom = ImageSbom(cache, images, arch, seed=input_key(spec, images, by_content, arch, mtime, None, attestations),
+        sbom = ImageSbom(cache, images, arch,
+                         seed=input_key(spec, images, by_content, arch, mtime, None, attestations, oci_volumes),
                          mtime=mtime, fetch=registry.fetch_attestation)
-        tree = assemble(spec, images, cache, work, progress=progress, sbom=sbom)
+        tree = assemble(spec, images, cache, work, progress=progress, sbom=sbom, oci_volumes=oci_volumes)
         tar_path = staging / ".canonical.tar"  # the tar format links it as NAME.tar
         task = progress.task(f"write {name}.tar ({len(tree)} entries)") if progress else None
         with open(tar_path, "wb") as out:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from mobykit.core import paths
 from mobykit.errors import SpecError
-from mobykit.spec import merge
-from mobykit.spec.model import FileEntry, ImageEntry, Kernel, Spec
+from mobykit.spec import merge, volumes
+from mobykit.spec.model import FileEntry, ImageEntry, Kernel, Spec, Volume
 from mobykit.spec.validate import check_document, safe_file_path
 from mobykit.spec.yamlfile import MAX_BYTES, Document, parse
 
@@ -98,8 +98,15 @@ def spec_from_document(doc: Document, base: Path) -> Spec:
                 name=raw["name"], image=raw["image"],
                 config={k: v for k, v in raw.items() if k not in ("name", "image")},
                 kind=kind, index=i, file=doc.file, line=doc.line(path), field=f"{section}[{i}]",
-                lines={k: doc.lines[path + (k,)] for k in raw if path + (k,) in doc.lines},
+                lines={**{k: doc.lines[path + (k,)] for k in raw if path + (k,) in doc.lines},
+                       **_item_lines(doc, path, raw)},
             ))
+    for i, raw in enumerate(data.get("volumes", [])):
+        spec.volumes.append(Volume(
+            name=raw["name"], image=raw.get("image"), readonly=bool(raw.get("readonly", False)),
+            format=raw.get("format"), platforms=list(raw["platforms"]) if "platforms" in raw else None,
+            file=doc.file, line=doc.line(("volumes", i)), field=f"volumes[{i}]",
+        ))
     for i, raw in enumerate(data.get("files", [])):
         spec.files.append(_file_entry(doc, base, i, raw))
     if "trust" in data:
@@ -109,6 +116,20 @@ def spec_from_document(doc: Document, base: Path) -> Spec:
         if o["format"] not in spec.outputs:
             spec.outputs.append(o["format"])
     return spec
+
+
+def _item_lines(doc: Document, path: tuple, raw: dict) -> dict[str, int]:
+    """Lines of the bind / mount items that may name a volume (``binds[1]``, ``mounts[0].source``),
+    so an error found after merging still points at the item."""
+    out = {}
+    for key in ("binds", "binds.add", "mounts"):
+        for i in range(len(raw.get(key) or [])):
+            item = path + (key, i)
+            if item in doc.lines:
+                out[f"{key}[{i}]"] = doc.lines[item]
+            if key == "mounts" and item + ("source",) in doc.lines:
+                out[f"mounts[{i}].source"] = doc.lines[item + ("source",)]
+    return out
 
 
 def _file_entry(doc: Document, base: Path, i: int, raw: dict) -> FileEntry:
@@ -155,6 +176,8 @@ def finish(spec: Spec) -> Spec:
     """Checks and resolutions that need every file merged."""
     merge.check_unique_services(spec)
     merge.reindex(spec)
+    volumes.check_unique(spec)
+    volumes.check_references(spec)
     k = spec.kernel
     if k is not None and not k.image:
         raise SpecError("kernel section has no image", file=k.file, line=k.line, field="kernel.image")

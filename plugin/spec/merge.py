@@ -3,7 +3,8 @@
 - kernel: each field a later file sets replaces the earlier value (``image``, ``cmdline``,
   ``binary`` when non-empty; ``tar`` and ``ucode`` whenever present, so ``tar: none`` can switch
   the modules tarball off);
-- init, onboot, onshutdown, services, files, trust.image, trust.org: appended in file order;
+- init, onboot, onshutdown, services, files, volumes, trust.image, trust.org: appended in file
+  order (volume names must stay unique across all files, checked once all are merged);
 - service names must stay unique across all files (they run side by side in containerd);
 - outputs (2017 form): appended, first occurrence of each format kept.
 """
@@ -33,6 +34,7 @@ def append(a: Spec, b: Spec) -> Spec:
         services=[*a.services, *b.services],
         onshutdown=[*a.onshutdown, *b.onshutdown],
         files=[*a.files, *b.files],
+        volumes=[*a.volumes, *b.volumes],
         trust=trust,
         outputs=outputs,
         sources=[*a.sources, *b.sources],

@@ -144,6 +144,54 @@ class FileEntry:
         return d
 
 
+VOLUME_BASE = "containers/volumes"
+
+
+@dataclass
+class Volume:
+    """One ``volumes:`` entry (LinuxKit's build-time named volume). ``image`` unset: a blank
+    directory; set: the image's root filesystem (``format`` unset or ``filesystem``) or the image
+    as an OCI image layout (``format: oci``, for ``platforms``, default the build's). ``readonly``
+    volumes may only be mounted ``ro``. Containers name it as the source of a bind."""
+
+    name: str
+    image: str | None = None
+    readonly: bool = False
+    format: str | None = None
+    platforms: list[str] | None = None
+    file: str | None = None
+    line: int | None = None
+    field: str | None = None
+
+    @property
+    def is_oci(self) -> bool:
+        return self.format == "oci"
+
+    @property
+    def dir(self) -> str:
+        """Where the build lays the volume out (no leading ``/``): ``lower/`` holds the content,
+        ``merged/`` is what containers bind (the init mounts ``lower`` there: read-only bind, or
+        an overlay with its upper layer on a tmpfs at ``tmp/``, which only writable volumes have)."""
+        return f"{VOLUME_BASE}/{self.name}"
+
+    @property
+    def merged(self) -> str:
+        """The absolute path a bind of this volume is rewritten to."""
+        return f"/{self.dir}/merged"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name}
+        if self.image is not None:
+            d["image"] = self.image
+        if self.readonly:
+            d["readonly"] = True
+        if self.format is not None:
+            d["format"] = self.format
+        if self.platforms is not None:
+            d["platforms"] = list(self.platforms)
+        return d
+
+
 @dataclass
 class Spec:
     """A whole (merged) spec. ``trust`` is accepted and kept but not enforced (Docker Content Trust
@@ -156,6 +204,7 @@ class Spec:
     services: list[ImageEntry] = _field(default_factory=list)
     onshutdown: list[ImageEntry] = _field(default_factory=list)
     files: list[FileEntry] = _field(default_factory=list)
+    volumes: list[Volume] = _field(default_factory=list)
     trust: dict[str, list[str]] = _field(default_factory=dict)
     outputs: list[str] = _field(default_factory=list)
     sources: list[str] = _field(default_factory=list)  # spec files, in merge order
@@ -166,16 +215,20 @@ class Spec:
         return [*self.onboot, *self.onshutdown, *self.services]
 
     def refs(self) -> list[str]:
-        """Every image reference to resolve, in order (kernel, init, onboot, services, onshutdown),
-        each once, as written."""
+        """Every image reference to resolve, in order (kernel, init, volumes, onboot, services,
+        onshutdown), each once, as written."""
         out: list[str] = []
         if self.kernel is not None and self.kernel.image:
             out.append(self.kernel.image)
         out.extend(self.init)
+        out.extend(v.image for v in self.volumes if v.image)
         for kind in KINDS:
             out.extend(e.image for e in getattr(self, kind))
         seen: set[str] = set()
         return [r for r in out if not (r in seen or seen.add(r))]
+
+    def volume(self, name: str) -> Volume | None:
+        return next((v for v in self.volumes if v.name == name), None)
 
     def idmap(self) -> dict[str, int]:
         """LinuxKit gives each container its own id (from 100: onboot, onshutdown, services) that a
@@ -199,6 +252,9 @@ class Spec:
         for kind in KINDS:
             doc[kind] = [_canonical_entry(e, normalise) for e in getattr(self, kind)]
         doc["files"] = [f.to_dict() for f in self.files]
+        if self.volumes:  # absent when empty, so specs without volumes keep their input keys
+            doc["volumes"] = [{**v.to_dict(), **({"image": normalise(v.image)} if v.image else {})}
+                              for v in self.volumes]
         if self.trust:
             doc["trust"] = {k: list(v) for k, v in sorted(self.trust.items())}
         return doc

@@ -204,7 +204,9 @@ def bundle_config(
         idmap = spec.idmap() if spec is not None else {}
     if prefix is None:
         prefix = getattr(entry, "prefix", None)
-    yaml_cfg = dict(entry.config)
+    from mobykit.spec.volumes import rewrite
+
+    yaml_cfg = rewrite(dict(entry.config), spec)  # volume names -> /containers/volumes/NAME/merged
     label = image_label(entry, image_config)
     pick = _Pick(yaml_cfg, label)
     inner = _inner(image_config)

@@ -350,4 +350,7 @@ def check_document(doc: Document) -> None:
             p.add(base + ("metadata",), f"metadata {f['metadata']!r} is not 'yaml' or 'json'")
         if f.get("source") == "":
             p.add(base + ("source",), "empty source path")
+    from mobykit.spec import volumes
+
+    volumes.check_document(p, data)
     p.raise_first()

@@ -1,0 +1,3 @@
+#!/bin/sh
+# stand-in for the test case check.sh: the volume is there
+[ -d /vola ]
