@@ -84,3 +84,21 @@ class Provider(Protocol):
 
     def console_output(self, id: str) -> str:
         """The serial console so far ("" when none can be read). NotFound if gone."""
+
+
+# ``output(text)`` with console text as it is written; ``output(None)`` once the console ended.
+ConsoleOutput = Callable[[str | None], None]
+
+
+class FollowsConsole(Protocol):
+    """Optional, for a provider that can stream a console (libvirt's console file): health then
+    reaches the moby flavor's watch, and through it the group controller, when the guest prints
+    its readiness line, instead of at the next poll. Providers without it (EC2 GetConsoleOutput,
+    GCE getSerialPortOutput: no stream) are polled through ``console_output`` with a short
+    back-off while an instance is pending."""
+
+    def follow_console(self, id: str, output: ConsoleOutput) -> Callable[[], None] | None:
+        """Call ``output`` (from any thread) with the console from its start, then with each piece
+        as it is written, and with None when the console ends (the instance was destroyed).
+        Returns the function that stops following; None when this instance's console cannot be
+        followed from here (e.g. a remote daemon), NotFound when the instance is gone."""

@@ -56,6 +56,34 @@ def console_verdict(text: str, image_id: str | None) -> bool | None:
     return last
 
 
+class ConsoleScanner:
+    """``console_verdict`` over a console that arrives in pieces (a followed console file): keeps
+    the verdict of the complete lines seen so far and the unfinished last line, not the text."""
+
+    def __init__(self, image_id: str | None):
+        self.image_id = image_id
+        self._done: bool | None = None  # the verdict of the complete lines
+        self._partial = ""
+
+    def feed(self, text: str) -> bool | None:
+        """Add ``text``; returns the verdict of everything fed so far (as ``console_verdict``)."""
+        if text:
+            data = self._partial + text
+            cut = data.rfind("\n")
+            if cut >= 0:
+                said = console_verdict(data[:cut], self.image_id)
+                if said is not None:
+                    self._done = said
+                data = data[cut + 1:]
+            self._partial = data[-4096:]  # a readiness line is short: a runaway one is not kept whole
+        return self.verdict
+
+    @property
+    def verdict(self) -> bool | None:
+        said = console_verdict(self._partial, self.image_id) if self._partial else None
+        return self._done if said is None else said
+
+
 def tcp_open(port: int, timeout: float = 2.0) -> bool:
     """A TCP connection to 127.0.0.1:``port`` is accepted and not reset at once (user-mode
     networking accepts on the host side even when the guest refuses, then closes)."""
@@ -114,6 +142,24 @@ class ProviderProbe:
                 self._where[instance_id] = name
             return text
         raise NotFound(f"instance {instance_id!r} not found on {', '.join(self.names)}")
+
+    def follow_console(self, instance_id: str, output: Callable[[str | None], None]) -> Callable[[], None] | None:
+        """Follow the console through the provider that last answered ``console_output`` for this
+        id (``providers.base.FollowsConsole``); None when it cannot (then the caller polls)."""
+        with self._lock:
+            name = self._where.get(instance_id)
+        if name is None:
+            return None
+        try:
+            follow = getattr(self.resolve(name), "follow_console", None)
+        except (MobykitError, ImportError):
+            return None
+        if not callable(follow):
+            return None
+        try:
+            return follow(instance_id, output)
+        except (NotFound, InvalidArgument):
+            return None
 
     def state(self, instance_id: str) -> str | None:
         for name, provider in self._providers(instance_id):

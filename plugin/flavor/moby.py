@@ -28,7 +28,9 @@ at once; a Prepare after a result was handed over builds again, a no-op when not
 edited spec file and a failed build are picked up and retried. Validate, Healthy and Drain never wait
 on builds. Paths are checked on the request thread (refusals come back at once) and again when opened.
 
-Healthy (``mobykit.flavor.health``): UNKNOWN until the console shows ``mobykit: ready <image id>``
+Healthy (``mobykit.flavor.health``, served from ``mobykit.flavor.healthwatch``, which follows or
+polls each console and tells ``subscribe_health`` listeners, the group controllers, when an
+instance's health changes): UNKNOWN until the console shows ``mobykit: ready <image id>``
 (and, for tcp/http, a probe of 127.0.0.1:Port passes); HEALTHY from then on; UNHEALTHY when the
 console says ``mobykit: not ready``, the instance is gone, or Deadline passes (measured from the
 instance's creation time: Description properties ``CreatedNs``/``Created``, else the time encoded
@@ -54,8 +56,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from mobykit.core import paths as server_paths
-from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
+from mobykit.errors import FailedPrecondition, InvalidArgument
 from mobykit.flavor import health as probes
+from mobykit.flavor.healthwatch import HealthWatch, PortCheck
 from mobykit.flavor.properties import duration, fields, join_init, string_list, string_map
 from mobykit.image.inflight import Builds
 from mobykit.image.progress import Progress
@@ -184,7 +187,7 @@ class MobyFlavor:
         self.clock, self.sleep = clock, sleep
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}
-        self._passed: set[tuple[str, str]] = set()
+        self._watch: HealthWatch | None = None
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -201,6 +204,22 @@ class MobyFlavor:
     def close(self) -> None:
         """Start no more builds (a stopping server); running ones are daemon threads and end with it."""
         self.builds.close()
+        with self._lock:
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
+    def watch(self) -> HealthWatch:
+        """The health watch Healthy is served from (made on first use, over ``probe()``)."""
+        with self._lock:
+            if self._watch is None:
+                self._watch = HealthWatch(self.probe, clock=self.clock)
+            return self._watch
+
+    def subscribe_health(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(instance id)`` whenever what Healthy would answer for it may have
+        changed (the group controller's wake-up, ``mobykit.group.wake``); returns the unsubscribe."""
+        return self.watch().subscribe(listener)
 
     def probe(self) -> probes.InstanceProbe:
         with self._lock:
@@ -245,23 +264,13 @@ class MobyFlavor:
             if state in (None, "stopping", "stopped", "terminated"):
                 return Health.UNHEALTHY
             return self._before_deadline(instance, check)
-        try:
-            text = self.probe().console_output(iid)
-        except NotFound:
+        port = PortCheck(check.mode, check.port, check.path) if check.port and check.mode != "console" else None
+        seen = self.watch().seen(iid, image_id, port=port,
+                                 deadline_at=self._created(instance) + check.deadline)
+        if seen.gone or seen.verdict is False:
             return Health.UNHEALTHY
-        verdict = probes.console_verdict(text, image_id)
-        if verdict is False:
-            return Health.UNHEALTHY
-        if verdict is True:
-            if check.mode == "console":
-                return Health.HEALTHY
-            key = (iid, f"{check.mode}:{check.port}{check.path}")
-            with self._lock:
-                passed = key in self._passed
-            if passed or self._port_ok(check):
-                with self._lock:
-                    self._passed.add(key)
-                return Health.HEALTHY
+        if seen.verdict is True and (port is None or seen.port_ok):
+            return Health.HEALTHY
         return self._before_deadline(instance, check)
 
     def drain(self, type: str, properties: Any, instance: Description) -> None:
@@ -314,12 +323,6 @@ class MobyFlavor:
         if disk:
             key, label = key + "+disk", label + " (with its disk)"
         return self.builds.get(key, label, job, self.prepare_wait)
-
-    def _port_ok(self, check: HealthCheck) -> bool:
-        assert check.port is not None
-        if check.mode == "tcp":
-            return probes.tcp_open(check.port)
-        return probes.http_ok(check.port, check.path)
 
     def _created(self, instance: Description) -> float:
         """Seconds since the epoch when the instance was made (see the module docstring)."""

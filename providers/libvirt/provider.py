@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +20,7 @@ from mobykit.providers.base import BootImage, Machine, MachineSpec
 from mobykit.providers.libvirt import diskboot, events
 from mobykit.providers.libvirt.binding import is_test, libvirt
 from mobykit.providers.libvirt.cache import DomainCache
+from mobykit.providers.libvirt.consolewatch import ConsoleFiles
 from mobykit.providers.libvirt.domain import (
     BootSpec,
     accel_name,
@@ -42,6 +45,8 @@ from mobykit.providers.libvirt.properties import (
     validate_properties,
 )
 from mobykit.providers.libvirt.storage import Storage, cidata, quietly
+
+log = logging.getLogger("mobykit.providers.libvirt")
 
 
 @dataclass
@@ -95,6 +100,7 @@ class LibvirtProvider:
         self._storage = Storage(self.pool_name, self.pool_path, self._lock)
         # test:///default cannot upload: published images are referenced by their paths there.
         self._local_images: dict[str, BootImage] = {}
+        self._consoles: ConsoleFiles | None = None  # console files followed (consolewatch.py)
 
     # -- connections --------------------------------------------------------------------------
 
@@ -132,6 +138,9 @@ class LibvirtProvider:
             for connection in self._conns.values():
                 connection.close()
             self._conns.clear()
+            consoles, self._consoles = self._consoles, None
+        if consoles is not None:
+            consoles.close()
 
     def _uris(self) -> list[str]:
         with self._conns_lock:
@@ -410,3 +419,27 @@ class LibvirtProvider:
             return self._storage.download(conn, vol).decode("utf-8", errors="replace")
         except libvirt().libvirtError:
             return ""
+
+    def follow_console(self, id: str, output: Callable[[str | None], None]) -> Callable[[], None] | None:
+        """``providers.base.FollowsConsole``: the console volume's file, followed with inotify
+        (``consolewatch.py``) when the daemon runs on this host and the file is ours to read;
+        None otherwise (a remote daemon, the mock driver, no inotify), and callers poll."""
+        found = self._find(id)
+        if found is None:
+            raise NotFound(f"instance {id!r} not found")
+        conn, meta = found.connection.conn, found.meta
+        if is_test(conn) or urlparse(found.connection.uri).hostname:
+            return None
+        pool = self._storage.pool(conn, meta.pool or None)
+        vol = self._storage.volume(pool, f"{id}.console")
+        if vol is None:
+            return None
+        with self._conns_lock:
+            if self._consoles is None:
+                self._consoles = ConsoleFiles()
+            consoles = self._consoles
+        try:
+            return consoles.follow(vol.path(), output)
+        except (OSError, ImportError) as e:
+            log.info("console of %s not followed (polled instead): %s", id, e)
+            return None
