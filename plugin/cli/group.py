@@ -37,10 +37,13 @@ def register(subparsers) -> None:
     d.add_argument("id")
     d.set_defaults(func=cmd_describe)
 
+    ls = sub.add_parser("ls", help="the groups the server's store holds: ID, config hash, target size")
+    ls.set_defaults(func=cmd_ls)
+
     i = sub.add_parser("inspect", help="the specs of all managed groups (JSON)")
     i.set_defaults(func=cmd_inspect)
 
-    f = sub.add_parser("free", help="stop managing a group; its instances keep running")
+    f = sub.add_parser("free", help="stop managing a group and remove it from the store; its instances keep running")
     f.add_argument("id")
     f.set_defaults(func=cmd_free)
 
@@ -172,11 +175,42 @@ def cmd_describe(args) -> int:
         return 0
     print(f"group {args.id}: target {target}, {len(desc.instances)} instances, "
           f"{'converged' if desc.converged else 'converging'} ({summary['step']})")
+    print(f"server: {server_role(args.server)}")
     print("ID\tLOGICAL_ID\tCONFIG\tTAGS")
     for d in desc.instances:
         tags = d.tags or {}
         extra = ",".join(f"{k}={v}" for k, v in sorted(tags.items()) if not k.startswith("infrakit."))
         print(f"{d.id}\t{d.logical_id or '-'}\t{tags.get('infrakit.config.hash', '?')}\t{extra}")
+    return 0
+
+
+def server_role(address: str | None) -> str:
+    """``leader`` or ``follower`` (gRPC health service ``mobykit.leader``), ``unknown`` if the
+    server does not say (an older server, or a Group plugin that is not mobykit's)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from mobykit.rpc.client import connect
+
+    with connect(address) as clients:
+        try:
+            r = health_pb2_grpc.HealthStub(clients.channel).Check(
+                health_pb2.HealthCheckRequest(service="mobykit.leader"), timeout=10)
+        except grpc.RpcError:
+            return "unknown"
+    return "leader" if r.status == health_pb2.HealthCheckResponse.SERVING else "follower"
+
+
+def cmd_ls(args) -> int:
+    from mobykit.group.hash import instance_hash
+
+    specs = _group(args).inspect_groups()
+    print("ID\tCONFIG\tSIZE")
+    for s in specs:
+        props = s.properties or {}
+        alloc = props.get("Allocation") or {}
+        size = len(alloc.get("LogicalIDs") or []) or alloc.get("Size", 0)
+        print(f"{s.id}\t{instance_hash(props)}\t{size}")
     return 0
 
 

@@ -56,6 +56,12 @@ def register(subparsers) -> None:
     p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS", help="how long calls in progress may take to finish on SIGTERM")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics (groups, provisions, update progress) on http://HOST:PORT/metrics")
+    p.add_argument("--store", metavar="URL",
+                   help="where committed groups outlive the server: file:DIR (one server; default "
+                   "file:~/.mobykit/state) or etcd://HOST:PORT[,HOST:PORT...] (several replicas, one leader); "
+                   "config store:")
+    p.add_argument("--lease-ttl", type=float, metavar="SECONDS",
+                   help="etcd leader lease TTL: how long the replicas wait for a dead leader (default 10)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every call")
     p.set_defaults(func=run)
 
@@ -93,9 +99,42 @@ def group_options(config: dict[str, Any]):
     return Options(**{GROUP_OPTIONS[k]: v for k, v in section.items()})
 
 
-def compose(config: dict[str, Any], registry=None):
+def store_settings(config: dict[str, Any], url: str | None = None, ttl: float | None = None) -> dict[str, Any]:
+    """``store:`` from the config (a URL, or {url, lease_ttl, ca, cert, key, name}), overridden by
+    ``--store`` / ``--lease-ttl``."""
+    from mobykit.group.leader import DEFAULT_TTL
+    from mobykit.group.store.base import DEFAULT_URL
+
+    section = config.get("store")
+    if section is None or isinstance(section, str):
+        section = {"url": section}
+    if not isinstance(section, dict):
+        raise InvalidArgument("config: store: must be a URL or a mapping {url, lease_ttl, ca, cert, key, name}")
+    unknown = sorted(set(section) - {"url", "lease_ttl", "ca", "cert", "key", "name"})
+    if unknown:
+        raise InvalidArgument(f"config: store: unknown key(s) {', '.join(unknown)} (known: url, lease_ttl, ca, cert, key, name)")
+    out = {"url": url or section.get("url") or DEFAULT_URL, "name": section.get("name"),
+           "tls": {k: str(section[k]) for k in ("ca", "cert", "key") if section.get(k)}}
+    lease = ttl if ttl is not None else section.get("lease_ttl", DEFAULT_TTL)
+    if isinstance(lease, bool) or not isinstance(lease, int | float) or lease < 1:
+        raise InvalidArgument(f"store lease TTL: must be a number of seconds >= 1, got {lease!r}")
+    out["lease_ttl"] = float(lease)
+    return out
+
+
+def open_group_store(settings: dict[str, Any]):
+    """The store and the leadership over it (a bad store raises here, before anything is served)."""
+    from mobykit.group.leader import election_for
+    from mobykit.group.store import open_store
+
+    store = open_store(settings["url"], lease_ttl=settings["lease_ttl"], tls=settings["tls"] or None)
+    return store, election_for(store, settings["lease_ttl"], settings.get("name"))
+
+
+def compose(config: dict[str, Any], registry=None, store=None, leadership=None):
     """The plugin objects the server serves, from what is installed and configured. ``registry``
-    (a prometheus CollectorRegistry) receives the group controllers' metrics."""
+    (a prometheus CollectorRegistry) receives the group controllers' metrics; ``store`` and
+    ``leadership`` (``open_group_store``) make the group plugin remember and elect."""
     from mobykit.core.instance import InstanceCore
     from mobykit.rpc.plugins import Plugins
 
@@ -116,7 +155,12 @@ def compose(config: dict[str, Any], registry=None):
         from mobykit.group.metrics import GroupMetrics
 
         plugins.group = group_cls(lambda name: resolve_instance(plugins, name), lambda name: resolve_flavor(plugins, name),
-                                  options=group_options(config), metrics=GroupMetrics(registry))
+                                  options=group_options(config), metrics=GroupMetrics(registry),
+                                  store=store, leadership=leadership)
+        if registry is not None and leadership is not None:
+            from mobykit.group.leader import RoleCollector
+
+            registry.register(RoleCollector(leadership.role))
     return plugins
 
 
@@ -170,13 +214,24 @@ def run(args: argparse.Namespace) -> int:
         from prometheus_client import CollectorRegistry
 
         registry = CollectorRegistry()
-    plugins = compose(config, registry)
+    settings = store_settings(config, args.store, args.lease_ttl)
+    store, leadership = open_group_store(settings)
+    log.info("store: %s", store.url)
+    try:
+        plugins = compose(config, registry, store=store, leadership=leadership)
+        if plugins.group is not None:
+            plugins.group.start()
+    except BaseException:
+        store.close()
+        raise
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
     server, bound = grpc_server.make_server(plugins, listens, tls=tls, insecure=args.insecure)
+    if plugins.group is not None and hasattr(plugins.group, "on_role"):
+        plugins.group.on_role = _health_role(server)
     jsonrpc = metrics = None
     try:
         if args.metrics:
@@ -209,6 +264,23 @@ def run(args: argparse.Namespace) -> int:
                 Path(lst.target).unlink(missing_ok=True)
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+LEADER_HEALTH = "mobykit.leader"  # grpc.health.v1 service name: SERVING on the replica that runs the controllers
+
+
+def _health_role(server):
+    """Report the role in gRPC health: ``mobykit.leader`` is SERVING only on the leader (so a
+    health check or a load balancer can find it); the server itself stays SERVING on every replica."""
+    from grpc_health.v1 import health_pb2
+
+    health = getattr(server, "mobykit_health", None)
+
+    def on_role(role) -> None:
+        if health is not None:
+            health.set(LEADER_HEALTH, health_pb2.HealthCheckResponse.SERVING if role.role == "leader"
+                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+    return on_role
 
 
 def _serve_metrics(address: str, registry):

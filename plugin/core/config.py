@@ -2,7 +2,8 @@
 
 YAML, from ``--config FILE`` or ``$MOBYKIT_CONFIG``; absent means defaults. Shape:
 ``{providers: {libvirt: {...}, aws: {...}, gcp: {...}, memory: {...}}, default_provider: NAME,
-cache: DIR, allow_paths: [DIR...], flavors: {moby: {PrepareWait: "10s"}}}``. Each
+cache: DIR, allow_paths: [DIR...], flavors: {moby: {PrepareWait: "10s"}}, store: URL}`` (``store``: see
+``mobykit.cli.serve.store_settings``). Each
 provider section is handed to that provider unread: only the provider knows its keys, so an
 unknown key there is reported by the provider, naming it. Top-level keys are checked here.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from mobykit.errors import InvalidArgument
 
-TOP_LEVEL_KEYS = ("providers", "default_provider", "cache", "flavors", "group", "allow_paths")
+TOP_LEVEL_KEYS = ("providers", "default_provider", "cache", "flavors", "group", "allow_paths", "store")
 ENV = "MOBYKIT_CONFIG"
 
 
