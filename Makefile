@@ -16,7 +16,8 @@ PYTEST_ARGS ?=
 APT_PACKAGES := docker-registry qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
   libvirt-clients libvirt-dev pkg-config busybox-static xorriso genisoimage zstd cpio kmod skopeo umoci \
   mtools dosfstools buildah debootstrap openssl libarchive-tools \
-  isolinux syslinux syslinux-common syslinux-utils grub-efi-amd64-bin grub-pc-bin grub-common squashfs-tools ovmf fdisk
+  isolinux syslinux syslinux-common syslinux-utils grub-efi-amd64-bin grub-pc-bin grub-common squashfs-tools ovmf fdisk \
+  etcd-server etcd-client
 
 .PHONY: setup apt venv test test-fast test-slow demo lint proto proto-check bench clean
 
