@@ -12,7 +12,7 @@ from mobykit import __version__
 from mobykit.errors import MobykitError
 
 # Command modules, in the order they appear in --help.
-COMMANDS = ("build", "cache", "pkg", "run", "serve", "group")
+COMMANDS = ("build", "cache", "pkg", "run", "serve", "group", "volume")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -45,6 +45,7 @@ class BootSpec:
     console: str  # the serial console's log volume
     cidata: str | None  # the NoCloud ISO volume, when there is user data
     disk: str | None = None  # the instance's qcow2 overlay volume (Boot: disk)
+    volumes: tuple[tuple[str, str], ...] = ()  # (Volumes name, qcow2 path): persistent disks vdb, vdc, ...
 
 
 def domain_xml(instance_id: str, props: dict[str, Any], boot: BootSpec, meta: InstanceMeta, *,
@@ -74,6 +75,13 @@ def domain_xml(instance_id: str, props: dict[str, Any], boot: BootSpec, meta: In
         ET.SubElement(disk, "driver", name="qemu", type="qcow2")
         ET.SubElement(disk, "source", file=boot.disk)
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    for i, (name, path) in enumerate(boot.volumes):
+        # The serial is the Volumes name: the guest finds it as /dev/disk/by-id/virtio-<name>.
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+        ET.SubElement(disk, "source", file=path)
+        ET.SubElement(disk, "target", dev=f"vd{chr(ord('b') + i)}", bus="virtio")
+        ET.SubElement(disk, "serial").text = name
     if boot.cidata:
         disk = ET.SubElement(devices, "disk", type="file", device="cdrom")
         ET.SubElement(disk, "driver", name="qemu", type="raw")

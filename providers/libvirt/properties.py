@@ -28,6 +28,7 @@ PROPERTY_DEFAULTS: dict[str, Any] = {
     "URI": None,
     "Pool": None,
     "Boot": "kernel",
+    "Volumes": [],
 }
 BOOT_MODES = ("kernel", "disk")  # direct kernel boot, or the image's disk (an overlay per VM: diskboot.py)
 DISK_FORMAT = "qcow2-bios"  # the output format Boot: disk boots (SeaBIOS, the machine's default firmware)
@@ -38,6 +39,9 @@ CREATE_GRACE = 300.0  # seconds after which an unfinished create is listed anywa
 _PUBLISH = re.compile(
     r"^(?:(?P<addr>[0-9.]+):)?(?P<host>\d{0,5}):(?P<guest>\d{1,5})(?:/(?P<proto>tcp|udp))?$")
 _IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+_VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,19}$")  # 20: a virtio disk serial's limit
+_VOLUME_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")  # group names, logical ids (IPs too)
+VOLUME_POOL_SUFFIX = "-volumes"  # persistent volumes live in a pool of their own: <Pool>-volumes
 _ID = re.compile(rf"^{ID_PREFIX}(\d{{20}})-")
 
 _id_lock = threading.Lock()
@@ -84,6 +88,45 @@ def boot_mode(properties: dict[str, Any]) -> str:
     return PROPERTY_DEFAULTS["Boot"] if boot is None else boot
 
 
+def volume_specs(properties: dict[str, Any]) -> list[tuple[str, int]]:
+    """``Volumes`` as (name, size in GiB), in order; checked by validate_properties."""
+    return [(v["Name"], v["SizeGb"]) for v in properties.get("Volumes") or []]
+
+
+def volume_name(group: str, logical_id: str, name: str) -> str:
+    """The pool volume a logical id owns: ``<group>-<lid>-<name>`` (``:`` of an IPv6 id as ``_``,
+    file names in a dir pool being paths)."""
+    for what, value in (("group name", group), ("logical id", logical_id)):
+        if not _VOLUME_OWNER.match(value):
+            raise InvalidArgument(f"Properties.Volumes: {what} {value!r} cannot name a volume "
+                                  "(letters, digits, '.', '_', '-', ':', at most 63)")
+    return f"{group}-{logical_id.replace(':', '_')}-{name}"
+
+
+def _validate_volumes(volumes: Any) -> None:
+    if not isinstance(volumes, list):
+        raise InvalidArgument('Properties.Volumes: must be a list like [{"Name": "data", "SizeGb": 1}]')
+    if len(volumes) > 16:
+        raise InvalidArgument(f"Properties.Volumes: at most 16 volumes per instance, got {len(volumes)}")
+    seen = set()
+    for i, v in enumerate(volumes):
+        where = f"Properties.Volumes[{i}]"
+        if not isinstance(v, dict):
+            raise InvalidArgument(f'{where}: must be an object like {{"Name": "data", "SizeGb": 1}}')
+        unknown = sorted(set(v) - {"Name", "SizeGb"})
+        if unknown:
+            raise InvalidArgument(f"{where}: unknown key(s) {', '.join(unknown)} (known: Name, SizeGb)")
+        name, size = v.get("Name"), v.get("SizeGb")
+        if not isinstance(name, str) or not _VOLUME_NAME.match(name):
+            raise InvalidArgument(f"{where}.Name: {name!r} must be 1-20 lower-case letters, digits, '_' or '-' "
+                                  "(the guest sees it as the disk's serial)")
+        if name in seen:
+            raise InvalidArgument(f"{where}.Name: {name!r} given twice")
+        seen.add(name)
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 16384:
+            raise InvalidArgument(f"{where}.SizeGb: must be a whole number of GiB from 1 to 16384, got {size!r}")
+
+
 def validate_properties(properties: dict[str, Any]) -> None:
     """Check instance properties; raise InvalidArgument naming the first bad key."""
     if not isinstance(properties, dict):
@@ -118,6 +161,7 @@ def validate_properties(properties: dict[str, Any]) -> None:
         # The disk's boot loader has the kernel, initrd and command line the image was built with.
         raise InvalidArgument("Properties.Boot: disk boots a built Image's disk; Kernel, Initrd and Cmdline "
                               "go with Boot: kernel")
+    _validate_volumes([] if properties.get("Volumes") is None else properties["Volumes"])
     publish = properties.get("Publish", [])
     if not isinstance(publish, list):
         raise InvalidArgument("Properties.Publish: must be a list like [\"8080:80\"]")

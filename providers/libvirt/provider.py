@@ -38,13 +38,16 @@ from mobykit.providers.libvirt.properties import (
     DEFAULT_POOL,
     DEFAULT_URI,
     ENV_URI,
+    VOLUME_POOL_SUFFIX,
     boot_mode,
     created_ns,
     new_id,
     parse_publish,
     validate_properties,
+    volume_name,
+    volume_specs,
 )
-from mobykit.providers.libvirt.storage import Storage, cidata, quietly
+from mobykit.providers.libvirt.storage import Storage, cidata, persistent_volume, quietly
 
 log = logging.getLogger("mobykit.providers.libvirt")
 
@@ -277,6 +280,7 @@ class LibvirtProvider:
                 kernel, initrd, cmdline, image = self._boot_files(conn, pool, props)
             console = self._storage.upload(conn, pool, f"{instance_id}.console", b"")
             made_vols.append(console)
+            attached = self._attach_volumes(conn, props, spec, made_vols)
             drive = None
             if spec.user_data:
                 iso = cidata(spec.user_data, instance_id)
@@ -284,9 +288,11 @@ class LibvirtProvider:
                 made_vols.append(drive)
             meta = InstanceMeta(tags=dict(spec.tags), logical_id=spec.logical_id, image=image,
                                 created=created_ns(instance_id) or time.time_ns(),
-                                volumes=[v.name() for v in made_vols], pool=pool.name(), creating=True)
+                                volumes=[v.name() for v in made_vols if v.name().startswith(f"{instance_id}.")],
+                                pool=pool.name(), creating=True)
             boot = BootSpec(kernel=kernel, initrd=initrd, cmdline=cmdline, console=console.path(),
-                            cidata=drive.path() if drive else None, disk=disk.path() if disk else None)
+                            cidata=drive.path() if drive else None, disk=disk.path() if disk else None,
+                            volumes=attached)
             xml = domain_xml(instance_id, props, boot, meta, domain_type=self._domain_type(conn),
                              machine=self.machine, qemu_args=not is_test(conn))
             dom = conn.defineXML(xml)
@@ -311,6 +317,86 @@ class LibvirtProvider:
                 # A listing during create may have kept the half-made view; the event may come late.
                 connection.cache.invalidate(dom.UUIDString())
         return machine(dom.name(), meta, domain_state(dom), conn.getURI())
+
+    # -- persistent volumes (Volumes: a logical id's disks, kept across replacements) ---------
+
+    def _volumes_pool(self, conn: Any, pool: str | None = None) -> Any:
+        return self._storage.pool(conn, (pool or self.pool_name) + VOLUME_POOL_SUFFIX)
+
+    def _attach_volumes(self, conn: Any, props: dict[str, Any], spec: MachineSpec,
+                        made: list[Any]) -> tuple[tuple[str, str], ...]:
+        """(name, path) of each of ``Volumes``, made on first use; a volume made now is appended to
+        ``made`` (deleted again if the create fails: it holds nothing yet). One still attached to
+        another instance (which must be destroyed first, as a quorum group replaces) is refused."""
+        wanted = volume_specs(props)
+        if not wanted:
+            return ()
+        group = spec.tags.get("infrakit.group")
+        if not spec.logical_id or not group:
+            raise InvalidArgument(
+                "Properties.Volumes: volumes belong to a logical id (<group>-<logical id>-<name>, kept across "
+                "replacements); this instance has no logical id - give the group Allocation.LogicalIDs")
+        vpool = self._volumes_pool(conn, props.get("Pool"))
+        out = []
+        with self._lock:
+            for name, size in wanted:
+                vol, new = persistent_volume(vpool, volume_name(group, spec.logical_id, name), size)
+                if new:
+                    made.append(vol)
+                holder = None if new else self._holder(conn, vol.path())
+                if holder is not None:
+                    raise FailedPrecondition(f"Properties.Volumes: volume {vol.name()} is still attached to "
+                                             f"instance {holder}; destroy it first")
+                out.append((name, vol.path()))
+        return tuple(out)
+
+    @staticmethod
+    def _holders(conn: Any) -> dict[str, str]:
+        """Disk path -> name of the (defined) domain that has it."""
+        import xml.etree.ElementTree as ET
+
+        out = {}
+        for dom in conn.listAllDomains(0):
+            try:
+                root = ET.fromstring(dom.XMLDesc(0))
+            except libvirt().libvirtError:
+                continue  # gone meanwhile
+            for src in root.iterfind("devices/disk/source"):
+                if src.get("file"):
+                    out[src.get("file")] = dom.name()
+        return out
+
+    def _holder(self, conn: Any, path: str) -> str | None:
+        return self._holders(conn).get(path)
+
+    def list_volumes(self) -> list[dict[str, Any]]:
+        """The persistent volumes: name, capacity (GiB), bytes allocated, and the instance that has
+        it attached ("" when none), by name."""
+        conn = self._conn()
+        vpool = self._volumes_pool(conn)
+        quietly(lambda: vpool.refresh(0))
+        holders = self._holders(conn)
+        out = []
+        for vol in vpool.listAllVolumes(0):
+            _type, capacity, allocation = vol.info()
+            out.append({"Name": vol.name(), "SizeGb": capacity / (1 << 30), "Allocated": allocation,
+                        "Instance": holders.get(vol.path(), "")})
+        return sorted(out, key=lambda v: v["Name"])
+
+    def remove_volume(self, name: str) -> None:
+        """Delete a persistent volume and its data (``mobykit volume rm``): NotFound when there is
+        none of that name, FailedPrecondition while an instance has it attached."""
+        conn = self._conn()
+        vpool = self._volumes_pool(conn)
+        with self._lock:
+            quietly(lambda: vpool.refresh(0))
+            vol = self._storage.volume(vpool, name)
+            if vol is None:
+                raise NotFound(f"volume {name!r} not found in libvirt pool {vpool.name()}")
+            holder = self._holder(conn, vol.path())
+            if holder is not None:
+                raise FailedPrecondition(f"volume {name!r} is attached to instance {holder}; destroy it first")
+            vol.delete(0)
 
     def _find(self, instance_id: str) -> Found | None:
         """A mobykit instance by id, or None when it does not exist."""

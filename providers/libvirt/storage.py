@@ -1,4 +1,5 @@
-"""Volumes in a ``dir`` storage pool: boot files, disks, config drives, console logs.
+"""Volumes in a ``dir`` storage pool: boot files, disks, config drives, console logs; and, in a
+pool of their own (``<Pool>-volumes``), the persistent volumes logical ids own (``Volumes``).
 
 Why volumes rather than files we write ourselves: the daemon creates the files, so a session
 daemon running as another user owns and can open them, and a remote daemon works the same as a
@@ -153,6 +154,18 @@ class Storage:
             chunks.append(chunk)
         stream.finish()
         return b"".join(chunks)
+
+
+def persistent_volume(pool: Any, name: str, size_gb: int) -> tuple[Any, bool]:
+    """(the volume ``name``, made now?): a logical id's data disk, a sparse qcow2 of ``size_gb``
+    GiB made on first use and then reused as it is (never resized, never formatted here: the
+    guest formats a blank disk once). Lives in the volumes pool, where nothing else is."""
+    vol = Storage.volume(pool, name)
+    if vol is not None:
+        return vol, False
+    xml = (f"<volume><name>{xml_text(name)}</name><capacity unit='GiB'>{size_gb}</capacity>"
+           "<allocation unit='bytes'>0</allocation><target><format type='qcow2'/></target></volume>")
+    return pool.createXML(xml, 0), True
 
 
 def overlay_xml(name: str, base_path: str, capacity: int) -> str:
