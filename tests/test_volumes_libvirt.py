@@ -125,3 +125,62 @@ def test_bad_volumes_are_named_at_validate(provider, volumes, message):
     with pytest.raises(InvalidArgument) as e:
         provider.validate({"Kernel": "/boot/vmlinuz-test", "Initrd": "/boot/initrd-test", "Volumes": volumes})
     assert str(e.value).startswith(message)
+
+
+def test_a_quorum_group_keeps_each_members_volume_through_a_roll_and_a_scale_down(provider):
+    """Through the group controller: a rolling update replaces each member (destroy, then create)
+    and the new member gets its logical id's disk; a logical id taken out keeps its volume; so does
+    destroying the group."""
+    import time
+
+    from mobykit.core.instance import InstanceCore
+    from mobykit.flavor.vanilla import VanillaFlavor
+    from mobykit.group.controller import Options
+    from mobykit.group.plugin import GroupPluginImpl
+    from mobykit.group.spec import parse
+    from mobykit.spi.group import GroupSpec
+
+    core = InstanceCore({"default_provider": "libvirt"}, providers={"libvirt": provider})
+    flavor = VanillaFlavor()
+    plugin = GroupPluginImpl(lambda name: core, lambda name: flavor,
+                             options=Options(poll_interval=0.02, backoff_initial=0.01))
+
+    def group(lids, memory):
+        return GroupSpec("db", {
+            "Allocation": {"LogicalIDs": lids},
+            "Instance": {"Plugin": "mobykit/libvirt", "Properties": {
+                "Kernel": "/boot/vmlinuz-test", "Initrd": "/boot/initrd-test", "Memory": memory,
+                "Volumes": [{"Name": "data", "SizeGb": 1}]}},
+            "Flavor": {"Plugin": "vanilla", "Properties": {}}})
+
+    def settled(spec):
+        deadline = time.monotonic() + 30  # a liveness bound, not a speed assertion
+        want = parse(spec).hash
+        while time.monotonic() < deadline:
+            ms = provider.list({"infrakit.group": "db"})
+            if plugin.describe_group("db").converged and all(m.tags.get("infrakit.config.hash") == want for m in ms):
+                return {m.logical_id: [path for _, _, path in _disks(m.id)] for m in ms}
+            time.sleep(0.02)
+        raise AssertionError("group did not converge")
+
+    try:
+        v1 = group(["m1", "m2"], 256)
+        plugin.commit_group(v1, False)
+        disks = settled(v1)
+        assert sorted(disks) == ["m1", "m2"] and all(len(p) == 1 for p in disks.values())
+        before = {m.logical_id: m.id for m in provider.list({"infrakit.group": "db"})}
+
+        v2 = group(["m1", "m2"], 320)  # a new config: each member replaced in turn
+        plugin.commit_group(v2, False)
+        assert settled(v2) == disks, "each new member has its logical id's disk"
+        after = {m.logical_id: m.id for m in provider.list({"infrakit.group": "db"})}
+        assert not set(before.values()) & set(after.values()), "every member was replaced"
+
+        v3 = group(["m1"], 320)  # m2 leaves: its instance goes, its data stays
+        plugin.commit_group(v3, False)
+        assert settled(v3) == {"m1": disks["m1"]}
+        plugin.destroy_group("db")
+        assert provider.list({"infrakit.group": "db"}) == []
+        assert _pool(POOL + "-volumes") == ["db-m1-data", "db-m2-data"]
+    finally:
+        plugin.close()
