@@ -115,8 +115,9 @@ class EtcdElection:
 
     @property
     def term(self) -> int:
+        """Our term while our lease is surely alive, else 0."""
         with self._lock:
-            return self._term if self._role == "leader" else 0
+            return self._term if self._role == "leader" and time.monotonic() < self._valid_until else 0
 
     def check(self) -> None:
         """Raise NotLeader unless our lease is surely still alive at etcd: before every action."""

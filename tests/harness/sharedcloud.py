@@ -126,6 +126,10 @@ class SharedCloud:
         work.mkdir(parents=True, exist_ok=True)
         sock = work / "grpc.sock"
         log = work / "serve.log"
+        n = 1
+        while log.exists():  # a killed predecessor's log is kept beside, for failures
+            log = work / f"serve.{n}.log"
+            n += 1
         env = self.env()
         env["HOME"] = str(home or work / "home")
         cfg = work / "config.yml"
@@ -188,7 +192,11 @@ def shared_cloud(root: Path) -> Iterator[SharedCloud]:
     address = str(root / "cloud.sock")
     manager = M(address=address, authkey=bytes.fromhex(key))
     server = manager.get_server()
-    t = threading.Thread(target=server.serve_forever, daemon=True, name="shared-cloud")
+    def serve() -> None:
+        with contextlib.suppress(SystemExit):  # how serve_forever ends once stop_event is set
+            server.serve_forever()
+
+    t = threading.Thread(target=serve, daemon=True, name="shared-cloud")
     t.start()
     sc = SharedCloud(cloud, address, key, root)
     try:
