@@ -462,7 +462,8 @@ def world(aws, tmp_path) -> Iterator[dict]:
     controllers: list[GroupController] = []
 
     def start(spec: GroupSpec) -> GroupController:
-        ctl = GroupController(parse_group(spec), core, flavor, options=Options(poll_interval=0.2, backoff_initial=0.2))
+        ctl = GroupController(parse_group(spec), core, flavor, options=Options(poll_interval=0.2, idle_poll_interval=0.2,
+                                                                         backoff_initial=0.2))
         controllers.append(ctl)
         ctl.start()
         return ctl
@@ -538,6 +539,7 @@ def test_with_throttling_and_5xx_on_a_fifth_of_calls_the_group_still_converges_a
 
 
 def test_a_stopped_member_is_replaced_and_terminated_not_leaked(world, aws):
+    """(The controller's idle poll is 0.2 s here: what it takes to notice the stop is its business.)"""
     world["provider"].reap_interval = 0.0
     ctl = world["start"](group(world["root"] / "v1.yml", 2))
     converge(ctl, 2)
@@ -553,28 +555,72 @@ def test_a_stopped_member_is_replaced_and_terminated_not_leaked(world, aws):
 
 
 def test_console_reads_prefetched_by_a_listing_are_used_only_while_young():
+    from mobykit.errors import Unavailable
     from mobykit.providers.aws.console import ConsoleReads
 
     now = [100.0]
     reads: list[str] = []
+    fail = set()
 
     def read(iid: str) -> str:
         reads.append(iid)
+        if iid in fail:
+            fail.discard(iid)
+            raise Unavailable(f"GetConsoleOutput {iid}: throttled")
         return f"console of {iid} read #{len(reads)}"
 
     consoles = ConsoleReads(read, max_age=2.0, clock=lambda: now[0])
     try:
         consoles.prefetch(["i-1", "i-2"])
-        assert consoles.get("i-1").startswith("console of i-1")
+        first = consoles.get("i-1")
+        assert first.startswith("console of i-1")
         wait_until(lambda: len(reads) == 2, "both prefetched", 10)
         assert sorted(reads) == ["i-1", "i-2"]  # both read once, by the listing
-        assert consoles.get("i-1") == "console of i-1 read #3"  # a prefetched read serves one caller
+        consoles.prefetch(["i-1", "i-2"])  # the next pass, at once: the reads just made serve it
+        assert consoles.get("i-1") == first and len(reads) == 2
+        now[0] += 1.5  # older than half max_age: a listing reads again; until then the old one serves
+        assert consoles.get("i-1") == first and len(reads) == 2
+        consoles.prefetch(["i-1"])
+        wait_until(lambda: len(reads) == 3, "read again", 10)
+        assert consoles.get("i-1") == "console of i-1 read #3"
         now[0] += 2.5
         assert consoles.get("i-2") == "console of i-2 read #4"  # too old: read afresh
+        fail.add("i-3")
+        consoles.prefetch(["i-3"])
+        with pytest.raises(Unavailable):
+            consoles.get("i-3")  # a failed read is raised once ...
+        assert consoles.get("i-3") == "console of i-3 read #6"  # ... and then read afresh
         consoles.prefetch([f"i-{n}" for n in range(200)])  # a scan, not a group: nothing prefetched
-        assert len(reads) == 4
+        assert len(reads) == 6
     finally:
         consoles.close()
+
+
+def test_a_groups_consoles_are_read_while_its_listing_runs(aws, tmp_path):
+    """The instances a group's listing will show (the last listing's, and those launched with its
+    tags since) have their consoles read while DescribeInstances runs, so a health pass costs one
+    round trip; a destroyed one is no longer read."""
+    p = provider()
+    image = fake_image(tmp_path)
+    p.publish_image(image, {"Image": image.id})
+    tags = {GROUP_TAG: "early", "ns": "a"}
+    assert p.list(tags) == []
+    a = p.create(MachineSpec({"Image": image.id}, {**tags, "x": "1"}))
+    other = p.create(MachineSpec({"Image": image.id}, {GROUP_TAG: "other", "ns": "a"}))
+    assert p.expected.before(tags) == {a.id}
+    aws.faults.latency = 1.0  # every answer leaves the server at least this long after its request came
+    aws.faults.record = []
+    assert [m.id for m in p.list(tags)] == [a.id]
+    assert f"mobykit: ready {image.id}" in p.console_output(a.id)
+    aws.faults.latency = 0.0
+    arrived = {c["Action"]: float(c["at"]) for c in aws.faults.record}
+    assert len(aws.faults.record) == 2 and set(arrived) == {"DescribeInstances", "GetConsoleOutput"}  # "other" not read
+    # The console was asked for before the listing could have been answered.
+    assert arrived["GetConsoleOutput"] < arrived["DescribeInstances"] + 1.0
+    p.destroy(a.id)
+    assert p.expected.before(tags) == frozenset()
+    p.destroy(other.id)
+    p.close()
 
 
 # -- through `mobykit serve` ------------------------------------------------------------------------

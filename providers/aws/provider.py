@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
 from mobykit.providers.aws import instances
 from mobykit.providers.aws.clients import ClientCache, Clients
-from mobykit.providers.aws.console import ConsoleReads
+from mobykit.providers.aws.console import ConsoleReads, Expected
 from mobykit.providers.aws.properties import (
     IMAGE_TAG,
     LOGICAL_ID_TAG,
@@ -55,6 +55,7 @@ class AWSProvider:
         self._reaps: dict[tuple[tuple[str, str], ...], float] = {}  # a group's tags -> its last reap
         self._reaper: ThreadPoolExecutor | None = None
         self.consoles = ConsoleReads(self._console)
+        self.expected = Expected()  # what each group's next listing shows: its consoles are read meanwhile
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -144,7 +145,9 @@ class AWSProvider:
             given[kind] = {"ResourceType": kind, "Tags": instances.tag_list(merged)}
         request["TagSpecifications"] = list(given.values())
         self._used(self.clients.region(props.region))
-        return instances.run(ec2, request)
+        made = instances.run(ec2, request)
+        self.expected.launched(made.id, tags)
+        return made
 
     # Instances are looked for in the default region and in every region this provider launched or
     # published in since it started (``Properties.Region``): ids are unique across regions.
@@ -171,15 +174,24 @@ class AWSProvider:
         self._in_regions(id, lambda ec2: instances.set_tags(ec2, id, tags))
 
     def destroy(self, id: str) -> None:
+        self.expected.gone(id)
+        self.consoles.forget(id)
         for ec2 in self._ec2s():  # terminating an id another region holds is a no-op there
             instances.terminate(ec2, id)
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
         """Pending and running instances with ``tags`` (both filtered by EC2). A group's listing
         also starts its consoles' reads (console.py) and, now and then, its ``reap``."""
+        group = GROUP_TAG in tags  # a group's listing: its health pass reads these consoles next
+        expected: frozenset[str] = frozenset()
+        if group:
+            expected = self.expected.before(tags)
+            self.consoles.prefetch(sorted(expected))  # while the listing runs (console.py)
         found = sorted((m for ec2 in self._ec2s() for m in instances.describe(ec2, dict(tags))), key=lambda m: m.id)
-        if GROUP_TAG in tags:  # a group's listing: its health pass reads these consoles next (console.py)
-            self.consoles.prefetch([m.id for m in found])
+        if group:
+            ids = [m.id for m in found]
+            self.expected.after(tags, expected, ids)
+            self.consoles.prefetch([i for i in ids if i not in expected])
             self._start_reap(tags)
         return found
 
@@ -198,6 +210,7 @@ class AWSProvider:
             for m in instances.describe(ec2, dict(tags), states=instances.OFF_STATES):
                 log.warning("terminating %s instance %s of %s: it is no longer a member and was replaced",
                             m.state, m.id, tags.get(GROUP_TAG))
+                self.expected.gone(m.id)
                 instances.terminate(ec2, m.id)
                 reaped.append(m.id)
         return reaped

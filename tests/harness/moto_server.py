@@ -49,8 +49,8 @@ class Faults:
     """WSGI middleware in front of moto: ``latency`` seconds per call, and a ``rate`` (0..1) of calls
     failed, drawn from a seeded RNG; ``kinds`` picks among "throttle", "503" and "lost".
     ``record``: when a list, the parameters of every EC2 (query protocol) call are appended to it as
-    the server received them (``{"Action": ..., "Filter.1.Name": ...}``), so a test can check what
-    was filtered on the server."""
+    the server received them (``{"Action": ..., "Filter.1.Name": ...}``, and ``"at"``: the
+    ``time.monotonic()`` of its arrival), so a test can check what was filtered on the server."""
 
     app: Callable[..., Any]
     rate: float = 0.0
@@ -97,6 +97,7 @@ class Faults:
         body = environ["wsgi.input"].read(size)
         environ["wsgi.input"] = io.BytesIO(body)  # moto reads it again
         params = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode(), keep_blank_values=True).items()}
+        params["at"] = str(time.monotonic())
         with self._lock:
             if self.record is not None:
                 self.record.append(params)
