@@ -1,6 +1,7 @@
 """AWS provider benchmark against a local moto server: AMI publish throughput and group converge time.
 
     .venv/bin/python bench/bench_aws.py [--data-mib 128] [--rtt-ms 20,50] [--latency-ms 200] [--size 20]
+                                        [--only publish|converge] [--trace]
 
 moto runs in a child process (``--serve``: ThreadedMotoServer behind the tests' fault/latency
 middleware and moto extensions, ``tests/harness/moto_server.py``) so the server does not share
@@ -15,12 +16,15 @@ this process's GIL with the client being measured.
    CPU per block (one Python process, ~14 ms a block here, on 2 shared cores), not by the client.
 2. Converge: the real group controller, moby flavor and InstanceCore over the provider, every AWS
    call delayed by ``--latency-ms``; time for 0 -> 1 and 0 -> ``--size`` (the AMI published before).
+   ``--trace`` prints every AWS call of the last 0 -> ``--size`` run (start, end, operation,
+   thread, as the client saw them): where the serial waits are.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -50,9 +54,16 @@ def serve(latency: float) -> None:
     server.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def moto(latency: float) -> Iterator[str]:
-    """A moto child process; yields its URL, and stops it (by closing its stdin, then by PID)."""
+def moto(latency: float) -> Iterator[subprocess.Popen]:
+    """A moto child process (its URL is in the environment); yields it, and stops it (by closing
+    its stdin, then by PID)."""
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(latency)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -62,7 +73,7 @@ def moto(latency: float) -> Iterator[str]:
         from harness.moto_server import aws_env
 
         with aws_env(url):
-            yield url
+            yield proc
     finally:
         proc.stdin.close()
         try:
@@ -82,7 +93,14 @@ def disk(path: Path, data_mib: int) -> None:
     sparse_disk(path, 1 << 30, {i * stride: os.urandom(4 * MIB) for i in range(runs)})
 
 
-def publish_once(path: Path, seed: str, parallel: int) -> float:
+@dataclasses.dataclass
+class Run:
+    seconds: float
+    client_cpu: float  # this process: reading blocks, checksums, botocore, HTTP
+    server_cpu: float  # moto's process
+
+
+def publish_once(path: Path, seed: str, parallel: int, server: subprocess.Popen) -> Run:
     import hashlib
 
     from mobykit.providers.aws import AWSProvider
@@ -93,9 +111,9 @@ def publish_once(path: Path, seed: str, parallel: int) -> float:
     p = AWSProvider({})
     p.poll, p.parallel = 0.05, parallel
     p.settle = 0.0  # no second server here: time the upload, not publish.SETTLE's wait
-    t0 = time.perf_counter()
+    c0, s0, t0 = time.process_time(), cpu_seconds(server.pid), time.perf_counter()
     p.publish_image(image, {"Image": image.id})
-    return time.perf_counter() - t0
+    return Run(time.perf_counter() - t0, time.process_time() - c0, cpu_seconds(server.pid) - s0)
 
 
 def bench_publish(data_mib: int, rtts: list[float]) -> None:
@@ -105,17 +123,64 @@ def bench_publish(data_mib: int, rtts: list[float]) -> None:
         path = Path(tmp) / "image.raw"
         disk(path, data_mib)
         print(f"publish: 1024 MiB disk, {data_mib} MiB of data ({data_mib * 2} blocks of 512 KiB), rest zeros")
-        print(f"{'added latency':>14} {'mode':>22} {'seconds':>8} {'disk MB/s':>10} {'data MB/s':>10} {'x':>6}")
+        print(f"{'added latency':>14} {'mode':>22} {'seconds':>8} {'disk MB/s':>10} {'data MB/s':>10} {'x':>6} "
+              f"{'client CPU ms/block':>20} {'moto CPU ms/block':>18}")
+        blocks = data_mib * 2
         for latency in (0.0, *rtts):
-            with moto(latency):
-                seq = publish_once(path, f"seq-{latency}", 1)
-                par = publish_once(path, f"par-{latency}", PARALLEL)
-            for mode, t in (("sequential", seq), (f"parallel ({PARALLEL})", par)):
+            with moto(latency) as server:
+                seq = publish_once(path, f"seq-{latency}", 1, server)
+                par = publish_once(path, f"par-{latency}", PARALLEL, server)
+            for mode, r in (("sequential", seq), (f"parallel ({PARALLEL})", par)):
+                t = r.seconds
                 print(f"{latency * 1000:>12.0f}ms {mode:>22} {t:>8.2f} {1024 * MIB / t / 1e6:>10.0f} "
-                      f"{data_mib * MIB / t / 1e6:>10.1f} {seq / t:>6.1f}")
+                      f"{data_mib * MIB / t / 1e6:>10.1f} {seq.seconds / t:>6.1f} "
+                      f"{r.client_cpu / blocks * 1000:>20.1f} {r.server_cpu / blocks * 1000:>18.1f}")
 
 
-def bench_converge(latency: float, size: int) -> None:
+class Trace:
+    """Every AWS call a provider's clients make: (start, end, operation, thread), from ``t0``."""
+
+    def __init__(self, provider) -> None:
+        import threading
+
+        self.calls: list[tuple[float, float, str, str]] = []
+        self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        events = provider.clients._boto_session().events  # before any client is made: they copy it
+
+        def before(context, **_):
+            context["bench_t"] = time.perf_counter()
+
+        def after(model, context, **_):
+            end = time.perf_counter()
+            with self._lock:
+                self.calls.append((context.get("bench_t", end) - self.t0, end - self.t0, model.name,
+                                   threading.current_thread().name))
+
+        events.register("before-call", before)
+        events.register("after-call", after)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls.clear()
+            self.t0 = time.perf_counter()
+
+    def show(self) -> None:
+        """Calls of one operation that overlap are one line (a parallel wave)."""
+        waves: list[list[tuple[float, float, str, str]]] = []
+        for c in sorted(self.calls):
+            for w in waves:
+                if w[0][2] == c[2] and c[0] < max(x[1] for x in w) and c[0] - w[0][0] < 0.1:
+                    w.append(c)
+                    break
+            else:
+                waves.append([c])
+        for w in sorted(waves, key=lambda w: w[0][0]):
+            print(f"  {w[0][0]:6.2f} - {max(x[1] for x in w):6.2f}  {w[0][2]:<20} x{len(w):<3} "
+                  f"({', '.join(sorted({x[3].rsplit('_', 1)[0] for x in w}))})")
+
+
+def bench_converge(latency: float, size: int, trace: bool = False) -> None:
     from harness.images import SPEC, standard_images
     from mobykit.core import paths
     from mobykit.core.instance import InstanceCore
@@ -136,6 +201,7 @@ def bench_converge(latency: float, size: int) -> None:
         config = {"cache": str(cache.root), "default_provider": "aws", "providers": {"aws": {}}}
         provider = AWSProvider({})
         provider.poll = 0.05
+        calls = Trace(provider) if trace else None
         core = InstanceCore(config, providers={"aws": provider})
         flavor = MobyFlavor(config, instances=core)
 
@@ -145,6 +211,8 @@ def bench_converge(latency: float, size: int) -> None:
                      "Flavor": {"Plugin": "mobykit/moby", "Properties": {"Image": str(root / "spec.yml")}}}
             ctl = GroupController(parse(GroupSpec(name, props)), core, flavor,
                                   options=Options(poll_interval=1.0, max_parallel=max(16, n)))
+            if calls is not None:
+                calls.reset()
             t0 = time.perf_counter()
             ctl.start()
             try:
@@ -169,6 +237,10 @@ def bench_converge(latency: float, size: int) -> None:
     print(f"{'instances':>10} {'seconds':>8} {'x one':>6}")
     print(f"{1:>10} {one:>8.2f} {1.0:>6.2f}   all: {' '.join(f'{t:.2f}' for t in ones)}")
     print(f"{size:>10} {many:>8.2f} {many / one:>6.2f}   all: {' '.join(f'{t:.2f}' for t in manys)}")
+    if calls is not None:
+        print(f"\nAWS calls of the last 0 -> {size} run (seconds from the commit; overlapping calls of one "
+              "operation are one line):")
+        calls.show()
 
 
 def main() -> int:
@@ -178,6 +250,8 @@ def main() -> int:
     ap.add_argument("--rtt-ms", default="20,50", help="comma-separated added latencies for the publish runs")
     ap.add_argument("--latency-ms", type=float, default=200.0)
     ap.add_argument("--size", type=int, default=20)
+    ap.add_argument("--only", choices=("publish", "converge"), default=None)
+    ap.add_argument("--trace", action="store_true", help="print the AWS calls of the last 0 -> size run")
     args = ap.parse_args()
     if args.serve is not None:
         serve(args.serve)
@@ -185,8 +259,12 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    bench_publish(args.data_mib, [float(x) / 1000 for x in args.rtt_ms.split(",") if x])
-    bench_converge(args.latency_ms / 1000, args.size)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.only in (None, "publish"):
+        bench_publish(args.data_mib, [float(x) / 1000 for x in args.rtt_ms.split(",") if x])
+    if args.only in (None, "converge"):
+        bench_converge(args.latency_ms / 1000, args.size, args.trace)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -373,6 +373,32 @@ def test_listings_are_pending_and_running_on_the_server_and_a_groups_stopped_ins
     p.close()
 
 
+def test_listings_page_through_every_instance(aws, monkeypatch):
+    from mobykit.providers.aws import instances
+
+    p = provider()
+    spec = {"RunInstancesInput": {"ImageId": ec2().register_image(Name="base")["ImageId"]}}
+    made = {p.create(MachineSpec(spec, {GROUP_TAG: "paged"})).id for _ in range(6)}
+    p.create(MachineSpec(spec, {GROUP_TAG: "elsewhere"}))
+    monkeypatch.setattr(instances, "PAGE", 5)  # EC2's smallest page
+    aws.faults.record = []
+    assert {m.id for m in p.list({GROUP_TAG: "paged"})} == made
+    pages = [c for c in aws.faults.record if c["Action"] == "DescribeInstances"]
+    assert len(pages) == 2 and "NextToken" not in pages[0] and pages[1]["NextToken"], pages
+    assert pages[0]["MaxResults"] == "5"
+    p.close()
+
+
+def test_clients_retry_in_adaptive_mode_with_a_pool_as_wide_as_the_uploads():
+    from mobykit.providers.aws import blocks, console
+
+    c = AWSProvider({"Region": "eu-west-1"}).clients.get()
+    for client in (c.ec2, c.ebs, c.s3):
+        assert client.meta.config.retries["mode"] == "adaptive"
+        assert client.meta.config.max_pool_connections >= max(blocks.PARALLEL, console.PARALLEL)
+        assert client.meta.region_name == "eu-west-1"
+
+
 def test_a_retried_runinstances_whose_answer_was_lost_starts_one_instance(aws, tmp_path):
     p = provider()
     image = fake_image(tmp_path)
@@ -399,6 +425,10 @@ def test_bad_input_through_the_core_creates_nothing(aws, tmp_path, monkeypatch):
         core.provision("aws", Spec(properties={"RunInstancesInput": {"InstanceType": "t3.micro"}}))
     with pytest.raises(InvalidArgument, match=r"Properties\.Region: unknown region 'us-moon-1'"):
         core.provision("aws", Spec(properties={"Image": image, "Region": "us-moon-1"}))
+    zone = {"RunInstancesInput": {"ImageId": "ami-12345678", "Placement": {"AvailabilityZone": "us-east-1z"}}}
+    with pytest.raises(InvalidArgument, match=r"RunInstancesInput\.Placement\.AvailabilityZone: unknown zone "
+                                              r"'us-east-1z' in us-east-1 \(known: us-east-1a"):
+        core.provision("aws", Spec(properties=zone))
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
     bare = InstanceCore({"default_provider": "aws"}, providers={"aws": provider()})

@@ -191,11 +191,26 @@ def test_an_unknown_configured_zone_is_named(cloud):
     p.close()
 
 
-def test_missing_credentials_for_a_real_endpoint_is_one_clear_error(env):
-    p = GCPProvider({"Project": PROJECT, "Zone": ZONE, "Endpoint": "https://compute.example.test"})
+@pytest.mark.parametrize("endpoint", [None, "https://compute.example.test", "https://127.0.0.1:8085",
+                                      "http://10.1.2.3:8085", "http://compute.example.test"])
+def test_missing_credentials_for_a_real_endpoint_is_one_clear_error(env, endpoint):
+    """Anonymous credentials only for plain http on loopback (an emulator): anything else that could
+    be the real API, or something pretending to be it, needs Application Default Credentials."""
+    p = GCPProvider({"Project": PROJECT, "Zone": ZONE, "Endpoint": endpoint})
     with pytest.raises(FailedPrecondition, match="no Google credentials.*GOOGLE_APPLICATION_CREDENTIALS"):
         p.validate({})
     p.close()
+
+
+@pytest.mark.parametrize("endpoint,anonymous", [
+    ("http://127.0.0.1:8085", True), ("http://localhost:8085", True), ("http://[::1]:8085", True),
+    ("http://127.8.9.10", True), ("https://127.0.0.1:8085", False), ("http://10.1.2.3", False),
+    ("http://localhost.example.test", False), ("http://compute.example.test", False), (None, False), ("", False),
+])
+def test_anonymous_credentials_are_for_plain_http_loopback_only(endpoint, anonymous):
+    from mobykit.providers.gcp.api import is_loopback_http
+
+    assert is_loopback_http(endpoint) is anonymous
 
 
 def test_unknown_config_key_is_named(env):

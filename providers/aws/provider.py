@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
 from mobykit.providers.aws import instances
-from mobykit.providers.aws.clients import ClientCache, Clients
+from mobykit.providers.aws.clients import ClientCache, Clients, api
 from mobykit.providers.aws.console import ConsoleReads, Expected
 from mobykit.providers.aws.properties import (
     IMAGE_TAG,
@@ -50,6 +50,7 @@ class AWSProvider:
         self._lock = threading.Lock()
         self._publishers: dict[str, Publisher] = {}
         self._amis: dict[tuple[str, str], str] = {}  # (region, image id) -> AMI, once published
+        self._zones: dict[str, frozenset[str]] = {}  # region -> its availability zones, listed once
         self._regions: dict[str, None] = {}  # regions used besides the default, in first-use order
         self.reap_interval = REAP_INTERVAL
         self._reaps: dict[tuple[tuple[str, str], ...], float] = {}  # a group's tags -> its last reap
@@ -131,6 +132,7 @@ class AWSProvider:
         request.pop("MinCount", None)
         request.pop("MaxCount", None)
         request["ImageId"] = self._ami(props)
+        self._check_zone(ec2, self.clients.region(props.region), (request.get("Placement") or {}).get("AvailabilityZone"))
         data = user_data(spec.user_data, props.run)
         request.pop("UserData", None)
         if data:
@@ -148,6 +150,24 @@ class AWSProvider:
         made = instances.run(ec2, request)
         self.expected.launched(made.id, tags)
         return made
+
+    def _check_zone(self, ec2: Any, region: str, zone: str | None) -> None:
+        """An unknown ``Placement.AvailabilityZone`` is named before RunInstances (whose own error
+        would not say which field), from the region's zones, listed once per region."""
+        if not zone:
+            return
+        with self._lock:
+            known = self._zones.get(region)
+        if known is None:
+            with api(f"DescribeAvailabilityZones {region}"):
+                r = ec2.describe_availability_zones(AllAvailabilityZones=True)
+            known = frozenset(z["ZoneName"] for z in r.get("AvailabilityZones", []))
+            with self._lock:
+                self._zones[region] = known
+        if zone not in known:
+            shown = ", ".join(sorted(known)[:8])
+            raise InvalidArgument(f"Properties.RunInstancesInput.Placement.AvailabilityZone: unknown zone {zone!r} "
+                                  f"in {region} (known: {shown})")
 
     # Instances are looked for in the default region and in every region this provider launched or
     # published in since it started (``Properties.Region``): ids are unique across regions.
