@@ -272,6 +272,10 @@ class GroupController:
                 healthy_since.pop(d.id, None)
             members.append(m)
         with self._lock:
+            # A provision still running may already be listed (the cloud made it before the listing
+            # read; the call has not returned): a listed instance at this config that is new since
+            # the last listing and no returned provision explains stands for one running provision.
+            fresh = [m for m in members if m.hash == cfg.hash and m.id not in self._known and m.id not in self._provisioned]
             for gone in [i for i in healthy_since if i not in seen]:
                 del healthy_since[gone]
             for i, seq in list(self._destroyed.items()):
@@ -283,6 +287,10 @@ class GroupController:
                 else:
                     members.append(Member(id=i, hash=h, logical_id=lid, provisional=True))
             for token, lid in self._provisioning.items():
+                listed_already = next((m for m in fresh if m.logical_id == lid), None)
+                if listed_already is not None:
+                    fresh.remove(listed_already)
+                    continue
                 members.append(Member(id=f"(provisioning #{token})", hash=cfg.hash, logical_id=lid, provisional=True))
             self._next_wake = next_wake
             self._known = frozenset(seen)
