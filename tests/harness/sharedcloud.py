@@ -39,6 +39,7 @@ class TermCall:
     server: str
     id: str
     tags: dict[str, str]
+    at: float = 0.0  # time.monotonic() in the test process when the cloud executed it
 
 
 class Cloud:
@@ -55,7 +56,7 @@ class Cloud:
             if op in MUTATIONS:
                 iid = out.id if op == "create" else args[0]
                 tags = dict(args[0].tags) if op == "create" else (dict(args[1]) if op == "set_tags" else {})
-                self.calls.append(TermCall(op, term, server, iid, tags))
+                self.calls.append(TermCall(op, term, server, iid, tags, time.monotonic()))
             return out
 
 
