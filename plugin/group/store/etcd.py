@@ -98,10 +98,14 @@ class EtcdClient:
             try:
                 out = c.post(c.get_url(path), json=body)
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError) as e:
-                errors.append(f"{self.endpoints[idx][0]}:{self.endpoints[idx][1]}: {str(e)[:120]}")
+                why = "timed out" if isinstance(e, ex.ConnectionTimeoutError) else "connection failed"
+                if "refused" in (e.detail_text or ""):
+                    why = "connection refused"
+                errors.append(f"{self.endpoints[idx][0]}:{self.endpoints[idx][1]}: {why}")
                 continue
             except ex.Etcd3Exception as e:
-                raise Unavailable(f"store {self.url}: etcd refused {path}: {e}") from None
+                detail = (e.detail_text or "").strip()[:200]
+                raise Unavailable(f"store {self.url}: etcd refused {path}: {detail or type(e).__name__}") from None
             with self._lock:
                 self._current = idx
             return out
