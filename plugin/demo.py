@@ -140,7 +140,7 @@ def start_serve(workdir: Path, libvirt_config: dict[str, str], cache_root: Path,
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mobykit.cli.main", "serve", "--listen", f"unix:{sock}", "--no-infrakit",
-             "--config", str(config)],
+             "--config", str(config), "--store", f"file:{workdir}/state"],  # not the user's ~/.mobykit/state
             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=workdir,
             start_new_session=True, text=True)
     # "listening on ..." then nothing more on stdout; read it in a thread so a hang cannot block us.
