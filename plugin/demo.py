@@ -467,45 +467,146 @@ class Poller:
 
 
 @dataclass
+class Timed:
+    """How long a commit took against how long its new VMs took to boot, from the same run."""
+
+    seconds: float  # commit -> done (a roll: the last old VM undefined; a converge: seen converged)
+    boot: float  # median of the new VMs' domain start -> readiness line on the console
+    min_ready: float = 0.0
+    waves: int = 0  # 0: a converge, judged against one VM's boot
+    timeline: list[str] = field(default_factory=list)  # each VM: started, ready, gone (s after the commit)
+    destroy: float | None = None  # median, a new VM's MinReadySeconds over -> the old one undefined
+    define: float | None = None  # median, an old VM undefined -> the next new one started
+
+    @property
+    def floor(self) -> float:
+        """A roll as fast as this host's libvirt allows: waves x (boot + MinReady + destroy + define)."""
+        return self.waves * (self.boot + self.min_ready + (self.destroy or 0) + (self.define or 0))
+
+    @property
+    def ideal(self) -> float:
+        """A roll: waves x (boot + MinReady + 1 s to define and destroy); a converge: one boot."""
+        return self.waves * (self.boot + self.min_ready + 1.0) if self.waves else self.boot
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.ideal if self.ideal > 0 else float("inf")
+
+
+@dataclass
 class RollResult:
     vms: list[VM]
     stats: PollStats
     min_healthy: int
     listings: int
     seconds: float
+    timed: Timed | None = None
 
 
-def converge(st: Stack, spec, *, timeout: float = 300.0, say: Say = _quiet) -> list[VM]:
-    """Commit ``spec`` and wait until its instances are all HEALTHY; shows each VM's page."""
+def _boot_times(st: Stack):
+    """``providers.libvirt.boottimes`` on the stack's libvirt, None when it cannot run here."""
+    try:
+        from mobykit.providers.libvirt.boottimes import BootTimes
+
+        return BootTimes(st.libvirt).start()
+    except Exception:  # noqa: BLE001 - a remote daemon, no inotify: the demo runs untimed
+        return None
+
+
+def _timeline(seen: dict, t0: float) -> list[str]:
+    def at(x: float | None) -> str:
+        return "-" if x is None else f"{x - t0:6.1f}"
+
+    order = sorted(seen.values(), key=lambda d: (d.started is None, d.started or 0, d.name))
+    return [f"{d.name}: started {at(d.started)} ready {at(d.ready)} gone {at(d.undefined)}" for d in order]
+
+
+def _wave_costs(seen: dict, old: set[str], min_ready: float) -> tuple[float | None, float | None]:
+    """Medians of what each wave spends past boot and MinReadySeconds: the old VM's destroy (from
+    its replacement's MinReadySeconds running out to its undefine) and the next provision (from
+    that undefine to the next new VM's start), from libvirt's events."""
+    import statistics
+
+    new = sorted((d for n, d in seen.items() if n not in old and d.started is not None), key=lambda d: d.started)
+    gone = sorted(seen[n].undefined for n in old if n in seen and seen[n].undefined is not None)
+    destroys = [g - (d.ready + min_ready) for d, g in zip(new, gone, strict=False) if d.ready is not None]
+    defines = [d.started - g for g, d in zip(gone, new[1:], strict=False)]
+    return (statistics.median(destroys) if destroys else None, statistics.median(defines) if defines else None)
+
+
+def converge(st: Stack, spec, *, timeout: float = 300.0, say: Say = _quiet, interval: float = 1.0,
+             timed: list[Timed] | None = None) -> list[VM]:
+    """Commit ``spec`` and wait until its instances are all HEALTHY; shows each VM's page.
+    ``timed`` receives the converge time against the VMs' boot time."""
     from mobykit.group.hash import instance_hash
 
     st.log_mark = len(st.serve_log.read_text(errors="replace"))
-    say(st.clients.group.commit_group(spec, False))
-    watcher = Watcher(say, instance_hash(spec.properties))
+    clock = _boot_times(st)
     t = time.monotonic()
-    vms = wait_converged(st, spec, watcher, timeout=timeout)
-    say(f"converged: {len(vms)} HEALTHY in {time.monotonic() - t:.0f}s")
+    try:
+        say(st.clients.group.commit_group(spec, False))
+        watcher = Watcher(say, instance_hash(spec.properties))
+        vms = wait_converged(st, spec, watcher, timeout=timeout, interval=interval)
+        seconds = time.monotonic() - t
+        boot = clock.median_boot([v.id for v in vms]) if clock is not None else None
+    finally:
+        if clock is not None:
+            clock.close()
+    if boot:
+        result = Timed(seconds, boot)
+        if timed is not None:
+            timed.append(result)
+        say(f"converged: {len(vms)} HEALTHY in {seconds:.1f}s = {result.ratio:.2f}x one VM's boot to ready "
+            f"({boot:.1f}s, median of the {len(vms)})")
+    else:
+        say(f"converged: {len(vms)} HEALTHY in {seconds:.0f}s")
     for v in vms:
         say(f"  {v.id}  http://127.0.0.1:{v.port}/  {page_summary(v.port) if v.port else 'no port'}")
     return vms
 
 
-def roll(st: Stack, spec, *, timeout: float = 400.0, say: Say = _quiet) -> RollResult:
-    """Commit ``spec`` over a converged group and follow the rolling update while polling."""
+def roll(st: Stack, spec, *, timeout: float = 400.0, say: Say = _quiet, interval: float = 1.0) -> RollResult:
+    """Commit ``spec`` over a converged group and follow the rolling update while polling. The
+    result's ``timed``: from the commit to the last old VM's undefine, against 3 x (the new VMs'
+    median boot to ready + MinReadySeconds + 1 s), all from this run (libvirt events and consoles)."""
     from mobykit.group.hash import instance_hash
 
     watcher = Watcher(say, instance_hash(spec.properties))
     flavor_props = spec.properties["Flavor"]["Properties"]
     watcher.prime(snapshot(st, spec.id, flavor_props))  # the serving VMs, before the commit
+    old = set(watcher.known)
+    clock = _boot_times(st)
     t = time.monotonic()
-    with Poller(watcher) as poller:
-        st.log_mark = len(st.serve_log.read_text(errors="replace"))
-        say(st.clients.group.commit_group(spec, False))
-        vms = wait_converged(st, spec, watcher, timeout=timeout)
-    seconds = time.monotonic() - t
+    try:
+        with Poller(watcher) as poller:
+            st.log_mark = len(st.serve_log.read_text(errors="replace"))
+            say(st.clients.group.commit_group(spec, False))
+            vms = wait_converged(st, spec, watcher, timeout=timeout, interval=interval)
+        seconds = time.monotonic() - t
+        timed = None
+        if clock is not None:
+            seen = clock.snapshot()
+            ends = [seen[i].undefined for i in old if i in seen and seen[i].undefined is not None]
+            boot = clock.median_boot([v.id for v in vms])
+            if boot and len(ends) == len(old):
+                updating = spec.properties.get("Updating") or {}
+                min_ready = float(updating.get("MinReadySeconds") or 0)
+                timed = Timed(max(ends) - t, boot, min_ready, len(old), _timeline(seen, t),
+                              *_wave_costs(seen, old, min_ready))
+    finally:
+        if clock is not None:
+            clock.close()
     s = poller.stats
     say(f"rolled to config {watcher.current_hash[:8]} in {seconds:.0f}s; "
         f"{watcher.listings} listings, never fewer than {watcher.min_healthy} HEALTHY")
+    if timed is not None:
+        say(f"roll: {timed.seconds:.1f}s from the commit to the last old VM gone = {timed.ratio:.2f}x "
+            f"{timed.waves} x (boot to ready {timed.boot:.1f}s + MinReady {timed.min_ready:g}s + 1s) = "
+            f"{timed.ideal:.1f}s (target <= 1.1x)")
+        if timed.destroy is not None and timed.define is not None:
+            say(f"  each wave past boot and MinReady: the old VM's destroy {timed.destroy:.1f}s, the next "
+                f"provision {timed.define:.1f}s (libvirt's calls; {timed.seconds / timed.floor:.2f}x "
+                f"{timed.waves} x (boot + MinReady + both) = {timed.floor:.1f}s)")
     verdict = "the demo service never stopped answering" if s.rounds and not s.rounds_none_answered \
         else f"the demo service was down in {s.rounds_none_answered} of {s.rounds} rounds"
     say(f"availability: {s.rounds} poll rounds, {s.requests} requests, {s.failures} failed "
@@ -514,7 +615,7 @@ def roll(st: Stack, spec, *, timeout: float = 400.0, say: Say = _quiet) -> RollR
     for v in vms:
         say(f"  {v.id}  http://127.0.0.1:{v.port}/  {page_summary(v.port) if v.port else 'no port'}")
     return RollResult(vms=vms, stats=s, min_healthy=watcher.min_healthy or 0, listings=watcher.listings,
-                      seconds=seconds)
+                      seconds=seconds, timed=timed)
 
 
 # -- the whole show -----------------------------------------------------------------------------

@@ -215,6 +215,7 @@ class GroupController:
             self._health.follow(self.flavor)  # a commit may have named another flavor
         reasons = self._pacer.take(self.clock(), self._poll_interval(), self._next_wake)
         if reasons:
+            log.debug("pass group=%s reasons=%s", self._config.id, ",".join(sorted(reasons)))
             self.reconcile()
         return reasons
 
