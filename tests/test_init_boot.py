@@ -1,9 +1,12 @@
 """The guest init, booted for real: Debian's cloud kernel under qemu TCG, an initrd assembled by
-tests/harness/guestkit.py from busybox, runc, the init package and hand-written OCI bundles.
+tests/harness/guestkit.py from busybox, crun and/or runc, the init package and hand-written OCI
+bundles.
 
 Each scenario boots once (module-scoped fixture), lives through its whole life - boot, readiness,
 an HTTP request from the host, the ACPI power button, onshutdown, qemu exiting - and the tests
-below then check one promise each against what the console showed."""
+below then check one promise each against what the console showed. crun is the init's default
+runtime and runs every scenario; the "good" image holds both runtimes and boots a second time
+with mobykit.runtime=runc, so every promise of the good path is checked against runc too."""
 
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ def _overlay_mounts(b: str) -> list[dict]:
 
 @dataclass
 class Run:
+    runtime: str
     console: str
     http_body: bytes | None
     exit_code: int
@@ -73,7 +77,7 @@ class Run:
     shutdown_at: int
 
 
-def _boot_scenario(build, *, append: str = "", user_data: str | None = None, meta_data: str = "",
+def _boot_scenario(build, *, runtime: str = "crun", append: str = "", user_data: str | None = None, meta_data: str = "",
                    http: bool = False, ready: str = r"^mobykit: (not )?ready .*$",
                    metadata: gk.FakeMetadata | None = None, press_power: bool = True) -> Run:
     parts = gk.parts()
@@ -94,16 +98,19 @@ def _boot_scenario(build, *, append: str = "", user_data: str | None = None, met
             code = g.wait_exit(90)
             text = g.text()
             shutdown = text.find("mobykit: shutdown (")
-            return Run(text, body, code, m.start(), shutdown)
+            return Run(runtime, text, body, code, m.start(), shutdown)
 
 
-@pytest.fixture(scope="module")
-def good() -> Run:
+@pytest.fixture(scope="module", params=["crun", "runc"])
+def good(request) -> Run:
     """Everything working: onboot probes, the sysctl package, a writable bundle with a veth pair
-    and a bound netns, an httpd service, an onshutdown container and a user-data script."""
+    and a bound netns, an httpd service, an onshutdown container and a user-data script. One
+    image with both runtimes, booted with each; its last onboot bundle has a relative
+    process.cwd, which crun accepts and runc refuses ("Cwd must be an absolute path")."""
+    runtime = request.param
 
     def build(img: gk.GuestImage) -> None:
-        img.add_system(image_id=IMAGE_ID)
+        img.add_system(image_id=IMAGE_ID, runtimes=("crun", "runc"))
         img.add_bundle("onboot", "000-probe", gk.oci_config(["/bin/sh", "-c", (
             'echo "probe: capeff=$(grep CapEff /proc/self/status | cut -f2) pid=$$'
             ' mnt=$(readlink /proc/self/ns/mnt) pidns=$(readlink /proc/self/ns/pid)";'
@@ -126,8 +133,12 @@ def good() -> Run:
             ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"], caps=["CAP_NET_BIND_SERVICE"],
             namespaces=("pid", "mount", "ipc", "uts")), files={"www/index.html": "hello from mobykit\n"})
         img.add_bundle("onshutdown", "000-bye", gk.oci_config(["/bin/echo", "bye: onshutdown ran"]))
+        relcwd = gk.oci_config(["/bin/echo", "relcwd: ran"])
+        relcwd["process"]["cwd"] = "tmp"
+        img.add_bundle("onboot", "003-relcwd", relcwd)
 
-    return _boot_scenario(build, user_data=USERDATA_SCRIPT, meta_data="instance-id: i-1\nlocal-hostname: guest-a\n",
+    append = "mobykit.runtime=runc" if runtime == "runc" else ""
+    return _boot_scenario(build, runtime=runtime, append=append, user_data=USERDATA_SCRIPT, meta_data="instance-id: i-1\nlocal-hostname: guest-a\n",
                           http=True)
 
 
@@ -172,12 +183,15 @@ echo "userdata: quiet.log=$(cat /var/log/quiet.log)"
 SSH_KEY = "ssh-ed25519 AAAAcloudkey core@example"
 
 
-def _cloud(kind: str, append: str = "") -> tuple[Run, list]:
+def _cloud(kind: str, append: str = "", refused_service: bool = False) -> tuple[Run, list]:
     server = gk.FakeMetadata(kind, user_data=CLOUD_USERDATA, hostname=f"{kind}-vm-1.internal", ssh_key=SSH_KEY)
     try:
         def build(img: gk.GuestImage) -> None:
             img.add_system(image_id=IMAGE_ID)
             img.add_bundle("onboot", "000-quiet", gk.oci_config(["/bin/echo", "quiet: only in the log"]))
+            if refused_service:  # a hostname without a UTS namespace: every runtime refuses it
+                img.add_bundle("services", "nouts", gk.oci_config(
+                    ["/bin/echo", "nouts: started"], namespaces=("pid", "mount"), hostname="x") | {"hostname": "nouts"})
 
         return _boot_scenario(build, append=append, metadata=server), server.requests
     finally:
@@ -192,8 +206,9 @@ def aws() -> tuple[Run, list]:
 
 @pytest.fixture(scope="module")
 def gcp() -> tuple[Run, list]:
-    """No cidata; a GCP-style metadata server; only the gcp provider asked for."""
-    return _cloud("gcp", append="mobykit.metadata=gcp")
+    """No cidata; a GCP-style metadata server; only the gcp provider asked for; a service the
+    runtime refuses to create."""
+    return _cloud("gcp", append="mobykit.metadata=gcp", refused_service=True)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +229,21 @@ def rebooting() -> Run:
 # --- the good path -------------------------------------------------------------------------------
 
 def test_readiness_line_names_the_image_once(good):
-    assert re.findall(r"^mobykit: (?:not )?ready.*$", good.console, re.M) == [f"mobykit: ready {IMAGE_ID}"]
+    lines = re.findall(r"^mobykit: (?:not )?ready.*$", good.console, re.M)
+    if good.runtime == "crun":
+        assert lines == [f"mobykit: ready {IMAGE_ID}"]
+    else:  # runc refused the relative cwd: every other promise below still holds
+        assert lines == [f"mobykit: not ready {IMAGE_ID} (onboot relcwd failed)"]
+
+
+def test_a_bundle_one_runtime_refuses_is_reported_with_its_own_message(good):
+    if good.runtime == "crun":
+        assert re.search(r"^relcwd: ran$", good.console, re.M), good.console
+    else:
+        refused = good.console.find("Cwd must be an absolute path")
+        failed = good.console.find("mobykit: onboot relcwd failed: exit 1")
+        assert 0 <= refused < failed < good.ready_at, good.console
+        assert "relcwd: ran" not in good.console
 
 
 def test_onboot_output_precedes_readiness(good):
@@ -277,7 +306,8 @@ def test_power_button_runs_onshutdown_and_powers_off(good):
 
 
 def test_no_service_failures_on_the_good_path(good):
-    assert not re.search(r"^mobykit: (onboot|service) ", good.console, re.M)
+    failures = re.findall(r"^mobykit: (?:onboot|service) .*$", good.console, re.M)
+    assert failures == ([] if good.runtime == "crun" else ["mobykit: onboot relcwd failed: exit 1"])
 
 
 # --- failures --------------------------------------------------------------------------------
@@ -346,6 +376,15 @@ def test_gcp_user_data_and_keys(gcp):
     assert f"userdata: key={SSH_KEY} perm=600" in run.console
     assert requests and all(r[2].get("Metadata-Flavor") == "Google" for r in requests)
     assert not any(r[1].startswith("/latest/") for r in requests)  # mobykit.metadata=gcp: AWS not asked
+
+
+def test_a_service_the_runtime_refuses_makes_the_boot_not_ready(gcp):
+    run, _ = gcp
+    lines = re.findall(r"^mobykit: (?:not )?ready.*$", run.console, re.M)
+    assert lines == [f"mobykit: not ready {IMAGE_ID} (service nouts failed)"], run.console
+    refused = run.console.find("hostname requires the UTS namespace")  # crun's own words
+    assert 0 <= refused < run.ready_at, run.console
+    assert "nouts: started" not in run.console
 
 
 # --- reboot during boot ----------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Assemble a mobykit guest by hand and boot it under qemu TCG, to test the guest init for real.
 
 The pieces are the ones a built image holds: Debian's cloud kernel and a subset of its modules
-(with modules.dep from depmod), busybox-static with its applet links, runc with the libraries it
-needs, the init package's files (specs/pkgs/init/rootfs) and OCI bundles written by the test in
+(with modules.dep from depmod), busybox-static with its applet links, crun and/or runc with the
+libraries they need, the init package's files (specs/pkgs/init/rootfs) and OCI bundles written by the test in
 LinuxKit's layout (containers/<kind>/<name>/{config.json,runtime.json,runtime.sh,rootfs|lower}).
 The initrd is a gzip'd newc cpio made with GNU cpio (the image builder's own writer is tested
 elsewhere; here only the guest matters).
@@ -67,12 +67,13 @@ def _deb(name: str) -> Path:
 
 @dataclass(frozen=True)
 class Parts:
-    """The extracted Debian pieces: kernel image, module tree root, kernel version, runc."""
+    """The extracted Debian pieces: kernel image, module tree root, kernel version, runc, crun."""
 
     kernel: Path
     modules_root: Path  # a directory holding lib/modules/<version>/
     version: str
     runc: Path
+    crun: Path
 
 
 def parts() -> Parts:
@@ -81,6 +82,7 @@ def parts() -> Parts:
     version = kpkg.removeprefix("linux-image-")
     base = CACHE / "guestkit" / version
     done = base / ".done"
+    CACHE.mkdir(parents=True, exist_ok=True)
     if not done.exists():
         tmp = Path(tempfile.mkdtemp(prefix=".x-", dir=CACHE))
         try:
@@ -98,7 +100,26 @@ def parts() -> Parts:
     runc = base / "usr" / "sbin" / "runc"
     if not runc.exists():
         runc = base / "usr" / "bin" / "runc"
-    return Parts(kernel=base / "boot" / f"vmlinuz-{version}", modules_root=base, version=version, runc=runc)
+    crun = base / "crun" / "usr" / "bin" / "crun"
+    if not crun.exists():  # a cache from before crun: add it beside
+        tmp = Path(tempfile.mkdtemp(prefix=".x-", dir=CACHE))
+        try:
+            _run(["dpkg-deb", "-x", str(_deb("crun")), str(tmp)])
+            if (base / "crun").exists():
+                shutil.rmtree(base / "crun")
+            tmp.rename(base / "crun")
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return Parts(kernel=base / "boot" / f"vmlinuz-{version}", modules_root=base, version=version, runc=runc,
+                 crun=crun)
+
+
+def _host_libs(binary: Path) -> list[Path]:
+    """The host's copies of the shared libraries ``binary`` links (its Debian dependencies, the
+    same packages the crun recipe pulls), from ldd."""
+    out = _run(["ldd", str(binary)]).stdout
+    return [Path(m) for m in re.findall(r"=> (/\S+)", out)]
 
 
 def _module_closure(moddir: Path, names: Iterable[str]) -> set[str]:
@@ -186,18 +207,29 @@ class GuestImage:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/bin/busybox")
 
-    def add_system(self, *, image_id: str | None = None, modules: Iterable[str] = GUEST_MODULES) -> None:
+    def add_system(self, *, image_id: str | None = None, modules: Iterable[str] = GUEST_MODULES,
+                   runtimes: Iterable[str] = ("crun",)) -> None:
+        """The init's root: busybox, the OCI ``runtimes`` ("crun", "runc": the init uses crun
+        when it is there unless mobykit.runtime= says otherwise), modules, the init package."""
         root = self.root
         for d in ("dev", "proc", "sys", "run", "tmp", "var", "etc", "containers", "lib64"):
             (root / d).mkdir(exist_ok=True)
         self.add_busybox(root)
-        # runc and the libraries it links (the ELF interpreter path is /lib64/ld-linux-x86-64.so.2).
+        # the runtimes and the libraries they link (the ELF interpreter is /lib64/ld-linux-x86-64.so.2).
         (root / "usr" / "bin").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(self.parts.runc, root / "usr" / "bin" / "runc")
         libdir = root / "lib" / "x86_64-linux-gnu"
         libdir.mkdir(parents=True, exist_ok=True)
         shutil.copy2("/lib/x86_64-linux-gnu/libc.so.6", libdir / "libc.so.6")
-        shutil.copy2(self.parts.modules_root / "usr/lib/x86_64-linux-gnu/libseccomp.so.2", libdir / "libseccomp.so.2")
+        runtimes = set(runtimes)
+        if "runc" in runtimes:
+            shutil.copy2(self.parts.runc, root / "usr" / "bin" / "runc")
+            shutil.copy2(self.parts.modules_root / "usr/lib/x86_64-linux-gnu/libseccomp.so.2",
+                         libdir / "libseccomp.so.2")
+        if "crun" in runtimes:
+            shutil.copy2(self.parts.crun, root / "usr" / "bin" / "crun")
+            for lib in _host_libs(self.parts.crun):
+                if not (libdir / lib.name).exists():
+                    shutil.copy2(lib, libdir / lib.name)
         shutil.copy2("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", root / "lib64" / "ld-linux-x86-64.so.2")
         # kernel modules: the closure of ``modules``, with a fresh modules.dep
         ver = self.parts.version
