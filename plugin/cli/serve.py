@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
     server, bound = grpc_server.make_server(plugins, listens, tls=tls, insecure=args.insecure)
     if plugins.group is not None and hasattr(plugins.group, "on_role"):
         plugins.group.on_role = _health_role(server)
+        plugins.group.on_role(leadership.role())  # from the first call on, not the first role change
     jsonrpc = metrics = None
     try:
         if args.metrics:

@@ -171,51 +171,52 @@ class EtcdElection:
         from mobykit.group.store.etcd import LEADER_KEY, b64, unb64, watch_stream
 
         watcher_stop = threading.Event()
+        watcher: threading.Thread | None = None
 
         def on_events(events: list[dict], _rev: int) -> None:
             if any(e.get("type") == "DELETE" for e in events):
                 self._leader_gone.set()
 
-        watcher = None
-        while not self._stop.is_set():
-            try:
-                t0 = time.monotonic()
-                lease, granted = self.client.grant(self.ttl)
-                r = self.client.txn(
-                    [{"key": b64(LEADER_KEY), "target": "CREATE", "create_revision": "0"}],
-                    [{"request_put": {"key": b64(LEADER_KEY), "value": b64(self.name), "lease": str(lease)}}],
-                    [{"request_range": {"key": b64(LEADER_KEY)}}])
-            except Unavailable as e:
-                self._set("candidate", 0, 0, "")
-                log.warning("cannot campaign: %s", e)
-                self._stop.wait(min(1.0, self.ttl / 4))
-                continue
-            if r.get("succeeded"):
-                term = int(r["header"]["revision"])  # the revision that created the key
-                self._set("leader", term, lease, self.name, valid_until=t0 + granted - self.margin)
-                self._lead(lease, granted)
-                continue
-            kvs = (r.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
-            try:
-                self.client.revoke(lease)
-            except Unavailable:
-                pass
-            if not kvs:
-                continue  # deleted meanwhile: campaign again
-            holder = unb64(kvs[0].get("value", "")).decode(errors="replace")
-            rev = int(r["header"]["revision"])
-            self._set("follower", 0, 0, holder)
-            self._leader_gone.clear()
-            if watcher is not None:
-                watcher_stop.set()
-            watcher_stop = threading.Event()
-            watcher = threading.Thread(target=watch_stream, daemon=True, name="leader-watch",
-                                       args=(self.client, LEADER_KEY, None, rev + 1, on_events, watcher_stop))
-            watcher.start()
-            # The leader key's deletion (lease expired or revoked) wakes us at once; the timeout
-            # is only a fallback for a watch that broke without telling.
-            self._leader_gone.wait(self.ttl / 2)
-        watcher_stop.set()
+        try:
+            while not self._stop.is_set():
+                self._leader_gone.clear()  # before looking: a deletion from now on wakes the wait below
+                try:
+                    held = self.client.range(LEADER_KEY)
+                    kvs = held.get("kvs") or []
+                    if not kvs:  # nobody leads: campaign
+                        t0 = time.monotonic()
+                        lease, granted = self.client.grant(self.ttl)
+                        r = self.client.txn(
+                            [{"key": b64(LEADER_KEY), "target": "CREATE", "create_revision": "0"}],
+                            [{"request_put": {"key": b64(LEADER_KEY), "value": b64(self.name), "lease": str(lease)}}],
+                            [{"request_range": {"key": b64(LEADER_KEY)}}])
+                        if r.get("succeeded"):
+                            term = int(r["header"]["revision"])  # the revision that created the key
+                            self._set("leader", term, lease, self.name, valid_until=t0 + granted - self.margin)
+                            self._lead(lease, granted)
+                            continue
+                        self.client.revoke(lease)  # someone else won meanwhile
+                        kvs = (r.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
+                        held = r
+                        if not kvs:
+                            continue
+                except Unavailable as e:
+                    self._set("candidate", 0, 0, "")
+                    log.warning("cannot campaign: %s", e)
+                    self._stop.wait(min(1.0, self.ttl / 4))
+                    continue
+                self._set("follower", 0, 0, unb64(kvs[0].get("value", "")).decode(errors="replace"))
+                if watcher is None or not watcher.is_alive():
+                    # One watch for the server's life: it resumes after the last revision it saw.
+                    rev = int(held["header"]["revision"])
+                    watcher = threading.Thread(target=watch_stream, daemon=True, name="leader-watch",
+                                               args=(self.client, LEADER_KEY, None, rev + 1, on_events, watcher_stop))
+                    watcher.start()
+                # The key's deletion (the lease expired or was revoked) wakes us at once; the timeout
+                # only covers a watch that broke without telling.
+                self._leader_gone.wait(self.ttl / 2)
+        finally:
+            watcher_stop.set()
 
     def _lead(self, lease: int, granted: int) -> None:
         """Keep the lease alive until it cannot be, or until stop(); then step down."""
