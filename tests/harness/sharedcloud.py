@@ -205,4 +205,6 @@ def shared_cloud(root: Path) -> Iterator[SharedCloud]:
     finally:
         for r in sc.replicas:
             r.kill()
-        server.stop_event.set()  # the manager's own finalizer removes the socket
+        server.stop_event.set()
+        with contextlib.suppress(OSError):
+            server.listener.close()  # runs the listener's finalizer now: it removes the socket
