@@ -221,3 +221,42 @@ def test_moby_flavor_events_drive_the_group_controller_without_polls(tmp_path):
     finally:
         ctl.stop()
         flavor.close()
+
+
+def test_a_port_probe_runs_on_its_own_schedule_and_its_passing_is_an_event():
+    """Health Mode tcp: once the console is ready the port is probed on a doubling schedule (virtual
+    clock) against a real socket on 127.0.0.1, and the probe that finds it open tells the listener."""
+    import socket
+
+    from mobykit.flavor.healthwatch import PortCheck
+
+    clock = Clock()
+
+    class Ready:
+        def console_output(self, iid):
+            return f"mobykit: ready {IMAGE}\n"
+
+        def state(self, iid):
+            return "running"
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    try:
+        check = PortCheck("tcp", server.getsockname()[1])
+        watch = HealthWatch(lambda: Ready(), clock=clock, port_first=0.25, port_max=2.0, thread=False)
+        events = Events()
+        watch.subscribe(events)
+        seen = watch.seen("i-1", IMAGE, port=check)
+        assert seen.verdict is True and not seen.port_ok
+        due = []
+        for _ in range(4):  # closed: probed at 0.25, 0.5, 1, 2 s intervals
+            nxt = watch.run_due()
+            due.append(round(nxt - clock.now, 2))
+            clock.now = nxt
+        assert due == [0.25, 0.5, 1.0, 2.0] and events.ids == []
+        server.listen()
+        assert watch.run_due() is None  # the probe due now passes: no more probes after it
+        assert events.ids == ["i-1"]
+        assert watch.seen("i-1", IMAGE, port=check).port_ok
+    finally:
+        server.close()

@@ -86,7 +86,7 @@ class HealthWatch:
     """See the module docstring. ``probe()`` returns the flavor's InstanceProbe (made lazily)."""
 
     def __init__(self, probe: Callable[[], probes.InstanceProbe], *, clock: Callable[[], float] = time.time,
-                 poll_first: float = 0.25, poll_max: float = 4.0, port_first: float = 0.25, port_max: float = 2.0,
+                 poll_first: float = 0.5, poll_max: float = 4.0, port_first: float = 0.25, port_max: float = 2.0,
                  refresh: float = 0.0, forget: float = 600.0, thread: bool = True):
         self._probe = probe
         self.clock = clock
