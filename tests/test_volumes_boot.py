@@ -1,14 +1,27 @@
-"""LinuxKit's build-time ``volumes:`` in a booted guest: the init (specs/pkgs/init/rootfs/init, via
-usr/bin/mobykit-volumes) mounts every /containers/volumes/NAME before the onboot containers run.
+"""Volumes in a booted guest, two ways.
 
+LinuxKit's build-time ``volumes:``: the init (specs/pkgs/init/rootfs/init, via
+usr/bin/mobykit-volumes) mounts every /containers/volumes/NAME before the onboot containers run.
 The volumes are laid out by hand exactly as mobykit.image.assemble lays them out (lower/, merged/,
 and tmp/ unless read-only; what the build does is tested in test_volumes.py), and the containers
-bind their merged/ directories as the build rewrites ``binds: [NAME:/path]``. One boot (module
-fixture); each test checks one promise against the console."""
+bind their merged/ directories as the build rewrites ``binds: [NAME:/path]``.
+
+Disks: the format and mount packages (specs/pkgs/format, specs/pkgs/mount) in a real build of a
+spec, booted twice with the same two virtio disks (serials as the libvirt provider gives its
+persistent volumes): a blank one is formatted at the first boot only, one holding a filesystem
+never, and a service sees the mount and its data from the first boot at the second.
+
+Each scenario boots once (module fixtures); each test checks one promise against the consoles."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +130,125 @@ def test_readonly_volume_is_not_writable_even_bound_rw(console):
     assert "reader: ro=fixed" in console
     assert "reader: ro-write=refused" in console
     assert "reader: ro-write=ok" not in console
+
+
+# --- the format and mount packages on a real build, with virtio disks ------------------------
+ROOT = Path(__file__).resolve().parent.parent
+PKGS = ROOT / "specs" / "pkgs"
+
+# "data" is blank at the first boot; "other" holds a filesystem made on the host, which format
+# must leave alone even when asked to format it. The service counts its boots on the mount.
+DISK_SPEC = f"""\
+kernel:
+  image: "@pkg:{PKGS}/kernel"
+  cmdline: "console=ttyS0 panic=-1"
+init:
+  - "@pkg:{PKGS}/init"
+  - "@pkg:{PKGS}/runc"
+onboot:
+  - name: format
+    image: "@pkg:{PKGS}/format"
+    command: ["/usr/bin/format", "-label", "data", "/dev/disk/by-id/virtio-data"]
+  - name: format-other
+    image: "@pkg:{PKGS}/format"
+    command: ["/usr/bin/format", "-label", "clobber", "/dev/disk/by-id/virtio-other"]
+  - name: mount
+    image: "@pkg:{PKGS}/mount"
+    command: ["/usr/bin/mountie", "-label", "data", "/var/lib/data"]
+services:
+  - name: app
+    image: "@pkg:{PKGS}/init"
+    binds: ["/var/lib/data:/data"]
+    command: ["/bin/sh", "-c", "n=$(( $(cat /data/boots 2>/dev/null || echo 0) + 1 )); echo $n > /data/boots; sync;
+      echo \\"app: boot=$n fs=$(grep ' /data ' /proc/self/mounts | cut -d' ' -f3)\\"; exec sleep 3600"]
+"""
+
+
+@contextlib.contextmanager
+def _qemu(kernel: Path, initrd: Path, cmdline: str, disks: dict[str, Path], wd: Path):
+    """qemu TCG with each disk as a virtio-blk device whose serial is its name (as the libvirt
+    provider attaches persistent volumes); killed by PID on the way out."""
+    console = wd / "console.log"
+    console.unlink(missing_ok=True)
+    cmd = ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "512", "-display", "none", "-no-reboot",
+           "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{cmdline} mobykit.metadata=none",
+           "-nic", "user,model=virtio-net-pci", "-serial", f"file:{console}", "-monitor", "none"]
+    for name, path in disks.items():
+        cmd += ["-drive", f"file={path},if=none,id={name},format=raw,cache=writeback",
+                "-device", f"virtio-blk-pci,drive={name},serial={name}"]
+    err = (wd / "qemu.err").open("wb")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        yield gk.Guest(proc, console, wd / "no-monitor", None)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        err.close()
+
+
+@dataclass
+class DiskBoots:
+    first: str
+    second: str
+    image_id: str
+    data_disk: Path
+    other_disk: Path
+    other_file: str
+
+
+@pytest.fixture(scope="module")
+def disk_boots(tmp_path_factory) -> DiskBoots:
+    from mobykit.image.build import build
+    from mobykit.image.cache import Cache
+
+    os.environ.setdefault("MOBYKIT_DEB_CACHE", str(ROOT / ".cache" / "debs"))
+    tmp = tmp_path_factory.mktemp("disks")
+    spec = tmp / "disks.yml"
+    spec.write_text(DISK_SPEC)
+    result = build([spec], outdir=tmp / "out", name="disks", cache=Cache(tmp / "cache"))
+    data, other = tmp / "data.raw", tmp / "other.raw"
+    with open(data, "wb") as f:
+        f.truncate(64 << 20)
+    content = tmp / "content"
+    content.mkdir()
+    (content / "hello").write_text("made on the host\n")
+    with open(other, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "keep", "-d", str(content), str(other)], check=True)
+    consoles = []
+    for _ in range(2):
+        with gk.workdir() as wd, _qemu(result.path("-kernel"), result.path("-initrd.img"),
+                                       result.path("-cmdline").read_text().strip(),
+                                       {"data": data, "other": other}, wd) as g:
+            g.wait_for(r"^mobykit: (not )?ready .*$", 240)
+            g.wait_for(r"^app: boot=", 60)
+            consoles.append(g.text())
+    cat = subprocess.run(["debugfs", "-R", "cat /hello", str(other)], capture_output=True, text=True)
+    return DiskBoots(consoles[0], consoles[1], result.image_id, data, other, cat.stdout)
+
+
+def test_disk_boots_are_ready(disk_boots):
+    for console in (disk_boots.first, disk_boots.second):
+        assert f"mobykit: ready {disk_boots.image_id}" in console, console[-4000:]
+
+
+def test_blank_disk_is_formatted_once_with_its_label(disk_boots):
+    assert re.search(r"^format: making an ext4 filesystem labelled data on /dev/vd\w1$", disk_boots.first, re.M), \
+        disk_boots.first[-4000:]
+    assert "format: making an ext4" not in disk_boots.second
+    assert re.search(r"^format: /dev/vd\w holds data .*: left alone$", disk_boots.second, re.M), disk_boots.second[-4000:]
+    probe = subprocess.run(["blkid", "-p", "-o", "export", "--offset", str(1 << 20), str(disk_boots.data_disk)],
+                           capture_output=True, text=True)
+    assert "LABEL=data" in probe.stdout and "TYPE=ext4" in probe.stdout, probe
+
+
+def test_data_survives_the_second_boot(disk_boots):
+    assert "app: boot=1 fs=ext4" in disk_boots.first
+    assert "app: boot=2 fs=ext4" in disk_boots.second
+
+
+def test_a_disk_holding_a_filesystem_is_never_formatted(disk_boots):
+    for console in (disk_boots.first, disk_boots.second):
+        assert "labelled clobber" not in console
+    assert disk_boots.other_file == "made on the host\n"
