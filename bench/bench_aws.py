@@ -1,7 +1,7 @@
 """AWS provider benchmark against a local moto server: AMI publish throughput and group converge time.
 
     .venv/bin/python bench/bench_aws.py [--data-mib 128] [--rtt-ms 20,50] [--latency-ms 200] [--size 20]
-                                        [--only publish|converge] [--trace]
+                                        [--only publish|converge] [--rounds 5] [--trace] [--compare]
 
 moto runs in a child process (``--serve``: ThreadedMotoServer behind the tests' fault/latency
 middleware and moto extensions, ``tests/harness/moto_server.py``) so the server does not share
@@ -16,6 +16,8 @@ this process's GIL with the client being measured.
    CPU per block (one Python process, ~14 ms a block here, on 2 shared cores), not by the client.
 2. Converge: the real group controller, moby flavor and InstanceCore over the provider, every AWS
    call delayed by ``--latency-ms``; time for 0 -> 1 and 0 -> ``--size`` (the AMI published before).
+   ``--compare`` also runs the provider with the consoles of a group read after its listing
+   returns (as before 2026-12-02), interleaved with the default, so both see the same load.
    ``--trace`` prints every AWS call of the last 0 -> ``--size`` run (start, end, operation,
    thread, as the client saw them): where the serial waits are.
 """
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 MIB = 1 << 20
-ROUNDS = 5  # converge runs per size: the median is reported (the machine is shared)
+ROUNDS = 5  # converge runs per size (--rounds): the median is reported (the machine is shared)
 
 
 def serve(latency: float) -> None:
@@ -111,6 +113,7 @@ def publish_once(path: Path, seed: str, parallel: int, server: subprocess.Popen)
     p = AWSProvider({})
     p.poll, p.parallel = 0.05, parallel
     p.settle = 0.0  # no second server here: time the upload, not publish.SETTLE's wait
+    p.publisher()  # the clients (botocore loads the EC2 model: ~0.5 s of CPU, once per process) before the clock
     c0, s0, t0 = time.process_time(), cpu_seconds(server.pid), time.perf_counter()
     p.publish_image(image, {"Image": image.id})
     return Run(time.perf_counter() - t0, time.process_time() - c0, cpu_seconds(server.pid) - s0)
@@ -180,7 +183,8 @@ class Trace:
                   f"({', '.join(sorted({x[3].rsplit('_', 1)[0] for x in w}))})")
 
 
-def bench_converge(latency: float, size: int, trace: bool = False) -> None:
+def bench_converge(latency: float, size: int, trace: bool = False, compare: bool = False,
+                   rounds: int = ROUNDS) -> None:
     from harness.images import SPEC, standard_images
     from mobykit.core import paths
     from mobykit.core.instance import InstanceCore
@@ -225,18 +229,27 @@ def bench_converge(latency: float, size: int, trace: bool = False) -> None:
             finally:
                 ctl.stop()
 
+        variants = [("consoles read during the listing", True)]
+        if compare:
+            variants.append(("consoles read after it (before 2026-12-02)", False))
+        times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, _ in variants}
         with paths.using(paths.PathPolicy.under([root])):
             warm = converge("warm", 1)  # builds the image and publishes the AMI
-            ones = sorted(converge(f"one-{i}", 1) for i in range(ROUNDS))
-            manys = sorted(converge(f"many-{i}", size) for i in range(ROUNDS))
-            one, many = ones[ROUNDS // 2], manys[ROUNDS // 2]
+            for i in range(rounds):  # interleaved, so the variants and sizes share the machine's load
+                for name, early in variants:
+                    provider.early_consoles = provider.consoles.share = early
+                    times[name][0].append(converge(f"one-{i}-{early}", 1))
+                    times[name][1].append(converge(f"many-{i}-{early}", size))
         flavor.close()
         provider.close()
     print(f"\nconverge with {latency * 1000:.0f} ms per AWS call (AMI already published; first group, "
-          f"which published it: {warm:.2f} s); median of {ROUNDS} groups each")
-    print(f"{'instances':>10} {'seconds':>8} {'x one':>6}")
-    print(f"{1:>10} {one:>8.2f} {1.0:>6.2f}   all: {' '.join(f'{t:.2f}' for t in ones)}")
-    print(f"{size:>10} {many:>8.2f} {many / one:>6.2f}   all: {' '.join(f'{t:.2f}' for t in manys)}")
+          f"which published it: {warm:.2f} s); median of {rounds} groups each, interleaved")
+    for name, (ones, manys) in times.items():
+        ones, manys = sorted(ones), sorted(manys)
+        one, many = ones[rounds // 2], manys[rounds // 2]
+        print(f"{name}:\n{'instances':>10} {'seconds':>8} {'x one':>6}")
+        print(f"{1:>10} {one:>8.2f} {1.0:>6.2f}   all: {' '.join(f'{t:.2f}' for t in ones)}")
+        print(f"{size:>10} {many:>8.2f} {many / one:>6.2f}   all: {' '.join(f'{t:.2f}' for t in manys)}")
     if calls is not None:
         print(f"\nAWS calls of the last 0 -> {size} run (seconds from the commit; overlapping calls of one "
               "operation are one line):")
@@ -252,6 +265,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=20)
     ap.add_argument("--only", choices=("publish", "converge"), default=None)
     ap.add_argument("--trace", action="store_true", help="print the AWS calls of the last 0 -> size run")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="converge runs per size and variant")
+    ap.add_argument("--compare", action="store_true",
+                    help="also converge with consoles read after the listing, interleaved")
     args = ap.parse_args()
     if args.serve is not None:
         serve(args.serve)
@@ -263,7 +279,7 @@ def main() -> int:
     if args.only in (None, "publish"):
         bench_publish(args.data_mib, [float(x) / 1000 for x in args.rtt_ms.split(",") if x])
     if args.only in (None, "converge"):
-        bench_converge(args.latency_ms / 1000, args.size, args.trace)
+        bench_converge(args.latency_ms / 1000, args.size, args.trace, args.compare, args.rounds)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

@@ -82,6 +82,7 @@ class ConsoleReads:
     read: Callable[[str], str]
     max_age: float = MAX_AGE
     limit: int = LIMIT
+    share: bool = True  # a read serves every caller while young (False: one caller; bench comparisons)
     clock: Callable[[], float] = time.monotonic
     _reads: dict[str, _Read] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -101,7 +102,8 @@ class ConsoleReads:
                 del self._reads[stale]
             for iid in ids:
                 current = self._reads.get(iid)
-                if current is not None and (not current.future.done() or now - current.started < self.max_age / 2):
+                if current is not None and (not current.future.done()
+                                            or self.share and now - current.started < self.max_age / 2):
                     continue
                 self._reads[iid] = _Read(now, self._pool.submit(self.read, iid))
 
@@ -110,7 +112,7 @@ class ConsoleReads:
         given one), else a read made now. A prefetched read that failed is raised once, as the
         direct read would raise it (NotFound for a gone instance), and then forgotten."""
         with self._lock:
-            r = self._reads.get(instance_id)
+            r = self._reads.get(instance_id) if self.share else self._reads.pop(instance_id, None)
         if r is not None and self.clock() - r.started <= self.max_age:
             try:
                 return r.future.result()

@@ -35,7 +35,8 @@ class AWSProvider:
     """``mobykit.providers.base.Provider`` over EC2. Thread-safe; clients are made per region.
 
     ``poll`` (seconds between waiter polls), ``parallel`` (PutSnapshotBlock calls in flight),
-    ``settle`` (publish.SETTLE) and ``reap_interval`` are attributes a test or benchmark may change;
+    ``settle`` (publish.SETTLE), ``reap_interval`` and ``early_consoles`` (and ``consoles.share``) are
+    attributes a test or benchmark may change;
     the config keys are Region, Import and Bucket.
     """
 
@@ -57,6 +58,7 @@ class AWSProvider:
         self._reaper: ThreadPoolExecutor | None = None
         self.consoles = ConsoleReads(self._console)
         self.expected = Expected()  # what each group's next listing shows: its consoles are read meanwhile
+        self.early_consoles = True  # read those while the listing runs (False: after it; bench comparisons)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -204,13 +206,14 @@ class AWSProvider:
         also starts its consoles' reads (console.py) and, now and then, its ``reap``."""
         group = GROUP_TAG in tags  # a group's listing: its health pass reads these consoles next
         expected: frozenset[str] = frozenset()
-        if group:
+        if group and self.early_consoles:
             expected = self.expected.before(tags)
             self.consoles.prefetch(sorted(expected))  # while the listing runs (console.py)
         found = sorted((m for ec2 in self._ec2s() for m in instances.describe(ec2, dict(tags))), key=lambda m: m.id)
         if group:
             ids = [m.id for m in found]
-            self.expected.after(tags, expected, ids)
+            if self.early_consoles:
+                self.expected.after(tags, expected, ids)
             self.consoles.prefetch([i for i in ids if i not in expected])
             self._start_reap(tags)
         return found
