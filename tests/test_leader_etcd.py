@@ -92,7 +92,10 @@ def test_commit_on_a_follower_reaches_the_leader_and_roles_are_reported(tmp_path
         wait_for(lambda: at(sc, spec(size=3)), "the resize", sc)
         r = run_cli(["group", "--server", b.address, "describe", "web"])
         assert r.returncode == 0 and "server: follower" in r.stdout and "converged" in r.stdout, r.stdout + r.stderr
-        assert "server: leader" in run_cli(["group", "--server", a.address, "describe", "web"]).stdout
+        # describe names the term, lease and TTL, and a follower names its leader
+        assert re.search(r"server: follower \(term \d+, lease [0-9a-f]+, ttl 2s, leader \S+", r.stdout), r.stdout
+        term = int(re.search(r"term (\d+)", r.stdout).group(1))
+        assert f"server: leader (term {term}, lease " in run_cli(["group", "--server", a.address, "describe", "web"]).stdout
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert re.search(r'mobykit_server_role\{.*role="leader".*\} 1\.0', text), text
         assert re.search(r"mobykit_leader_term \d+\.0", text) and "mobykit_leader_lease_ttl_seconds 2.0" in text

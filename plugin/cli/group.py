@@ -170,18 +170,36 @@ def cmd_describe(args) -> int:
         from rich.console import Console
 
         Console().print(_render(args.id, current, target, summary, desc))
+        print(f"server: {describe_server(group, args.id) or server_role(args.server)}")
         for d in desc.instances:
             print(f"{d.id}\t{d.logical_id or '-'}\t{(d.tags or {}).get('infrakit.config.hash', '?')}")
         return 0
     print(f"group {args.id}: target {target}, {len(desc.instances)} instances, "
           f"{'converged' if desc.converged else 'converging'} ({summary['step']})")
-    print(f"server: {server_role(args.server)}")
+    print(f"server: {describe_server(group, args.id) or server_role(args.server)}")
     print("ID\tLOGICAL_ID\tCONFIG\tTAGS")
     for d in desc.instances:
         tags = d.tags or {}
         extra = ",".join(f"{k}={v}" for k, v in sorted(tags.items()) if not k.startswith("infrakit."))
         print(f"{d.id}\t{d.logical_id or '-'}\t{tags.get('infrakit.config.hash', '?')}\t{extra}")
     return 0
+
+
+def describe_server(group, gid: str) -> str:
+    """``leader (term 7, lease 694d..., ttl 10s, name host:pid)``: the answering server's role as
+    DescribeGroup reports it; "" when the server reports none (then the health check answers)."""
+    r = group.server_role(gid)
+    if not r or not r["role"]:
+        return ""
+    parts = [f"term {r['term']}"] if r["term"] else []
+    if r["lease"]:
+        parts.append(f"lease {r['lease']}")
+    if r["ttl"]:
+        parts.append(f"ttl {r['ttl']:g}s")
+    if r["role"] != "leader":
+        parts.append(f"leader {r['leader'] or 'none elected'}")
+    parts.append(f"name {r['name']}")
+    return f"{r['role']} ({', '.join(parts)})"
 
 
 def server_role(address: str | None) -> str:

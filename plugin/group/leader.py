@@ -205,7 +205,10 @@ class EtcdElection:
                     log.warning("cannot campaign: %s", e)
                     self._stop.wait(min(1.0, self.ttl / 4))
                     continue
-                self._set("follower", 0, 0, unb64(kvs[0].get("value", "")).decode(errors="replace"))
+                # A follower reports the leader's term and lease (the key's create revision and lease)
+                # so `describe` on any replica says which term acts; it never guards with them.
+                self._set("follower", int(kvs[0].get("create_revision") or 0), int(kvs[0].get("lease") or 0),
+                          unb64(kvs[0].get("value", "")).decode(errors="replace"))
                 if watcher is None or not watcher.is_alive():
                     # One watch for the server's life: it resumes after the last revision it saw.
                     rev = int(held["header"]["revision"])

@@ -156,6 +156,16 @@ class GroupClient(_Base):
         return c.group_description_from_pb(self._stub.DescribeGroup(pb.GroupRequest(id=id), timeout=self._timeout).description)
 
     @_call
+    def server_role(self, id: str) -> dict | None:
+        """The answering server's role in leader election (``ServerRole`` of DescribeGroup as a dict),
+        None from a server that does not report one (an older mobykit, or another Group plugin)."""
+        r = self._stub.DescribeGroup(pb.GroupRequest(id=id), timeout=self._timeout)
+        if not r.HasField("server"):
+            return None
+        s = r.server
+        return {"role": s.role, "term": s.term, "lease": s.lease, "leader": s.leader, "ttl": s.ttl, "name": s.name}
+
+    @_call
     def destroy_group(self, id: str) -> None:
         self._stub.DestroyGroup(pb.GroupRequest(id=id), timeout=self._timeout)
 

@@ -183,6 +183,11 @@ class GroupService(pbg.GroupServicer):
         d = self.g.describe_group(self._id(req))
         out = pb.DescribeGroupResponse(id=req.id)
         c.group_description_to_pb(d, out.description)
+        role = getattr(self.g, "role", None)
+        r = role() if callable(role) else None
+        if r is not None:
+            out.server.CopyFrom(pb.ServerRole(role=r.role, term=r.term, lease=r.lease, leader=r.leader,
+                                              ttl=r.ttl, name=r.name))
         return out
 
     @rpc
