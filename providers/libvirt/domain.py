@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mobykit.providers.base import Machine
+from mobykit.providers.libvirt import network
 from mobykit.providers.libvirt.binding import libvirt
 from mobykit.providers.libvirt.metadata import InstanceMeta
 from mobykit.providers.libvirt.properties import PROPERTY_DEFAULTS, parse_publish
@@ -52,6 +53,7 @@ def domain_xml(instance_id: str, props: dict[str, Any], boot: BootSpec, meta: In
                domain_type: str, machine: str, qemu_args: bool) -> str:
     """The domain XML for a new instance. ``qemu_args``: published ports become qemu arguments
     (false on the mock driver, which has no qemu; the ports are still recorded in ``meta``)."""
+    nic = network.private_nic(props, meta.pool, meta.tags.get("infrakit.group"), meta.logical_id)
     root = ET.Element("domain", type=domain_type)
     ET.SubElement(root, "name").text = instance_id
     ET.SubElement(root, "memory", unit="MiB").text = str(props.get("Memory", PROPERTY_DEFAULTS["Memory"]))
@@ -64,7 +66,7 @@ def domain_xml(instance_id: str, props: dict[str, Any], boot: BootSpec, meta: In
     else:
         ET.SubElement(os_el, "kernel").text = boot.kernel
         ET.SubElement(os_el, "initrd").text = boot.initrd
-        ET.SubElement(os_el, "cmdline").text = boot.cmdline
+        ET.SubElement(os_el, "cmdline").text = f"{boot.cmdline} {nic.cmdline}" if nic else boot.cmdline
     # An immutable machine that stops has finished: never reboot it into a loop.
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(root, event).text = "destroy"
@@ -92,6 +94,8 @@ def domain_xml(instance_id: str, props: dict[str, Any], boot: BootSpec, meta: In
     if not publish:
         iface = ET.SubElement(devices, "interface", type="user")
         ET.SubElement(iface, "model", type="virtio")
+    if nic:  # the group's private segment (network.py), after the user-mode NIC
+        devices.append(network.interface_element(nic))
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path=boot.console)
     ET.SubElement(serial, "target", port="0")

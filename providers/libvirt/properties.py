@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from mobykit.errors import InvalidArgument
+from mobykit.providers.libvirt import network
 
 ID_PREFIX = "mobykit-"
 ENV_URI = "MOBYKIT_LIBVIRT_URI"
@@ -29,6 +30,7 @@ PROPERTY_DEFAULTS: dict[str, Any] = {
     "Pool": None,
     "Boot": "kernel",
     "Volumes": [],
+    "PrivateNetwork": None,  # the group's subnet, "10.77.0.0/24": a private segment (network.py)
 }
 BOOT_MODES = ("kernel", "disk")  # direct kernel boot, or the image's disk (an overlay per VM: diskboot.py)
 DISK_FORMAT = "qcow2-bios"  # the output format Boot: disk boots (SeaBIOS, the machine's default firmware)
@@ -162,6 +164,7 @@ def validate_properties(properties: dict[str, Any]) -> None:
         raise InvalidArgument("Properties.Boot: disk boots a built Image's disk; Kernel, Initrd and Cmdline "
                               "go with Boot: kernel")
     _validate_volumes([] if properties.get("Volumes") is None else properties["Volumes"])
+    network.validate(properties)
     publish = properties.get("Publish", [])
     if not isinstance(publish, list):
         raise InvalidArgument("Properties.Publish: must be a list like [\"8080:80\"]")
