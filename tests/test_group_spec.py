@@ -84,3 +84,15 @@ def test_go_durations():
     assert parse_duration(7, "f") == 7
     with pytest.raises(InvalidArgument, match="^f:"):
         parse_duration("5 minutes", "f")
+
+
+def test_volumes_need_logical_ids_at_commit():
+    """A persistent volume is owned by a logical id; a Size group is refused when committed, naming
+    the field, instead of failing at its first provision."""
+    doc = group_spec(size=2)
+    doc["Properties"]["Instance"]["Properties"]["Volumes"] = [{"Name": "data", "SizeGb": 1}]
+    with pytest.raises(InvalidArgument, match=r"Properties\.Instance\.Properties\.Volumes: .*Allocation\.LogicalIDs"):
+        parse(GroupSpec(doc["ID"], doc["Properties"]))
+    doc = group_spec(logical_ids=["a", "b"])
+    doc["Properties"]["Instance"]["Properties"]["Volumes"] = [{"Name": "data", "SizeGb": 1}]
+    assert parse(GroupSpec(doc["ID"], doc["Properties"])).logical_ids == ["a", "b"]

@@ -252,6 +252,12 @@ def parse(spec: GroupSpec) -> GroupConfig:
         raise _fail("Properties.Allocation", "give Size or LogicalIDs, not both")
     iplugin, iprops = _section(props, "Instance")
     fplugin, fprops = _section(props, "Flavor")
+    # Persistent volumes belong to a logical id (<group>-<lid>-<name>, kept across replacements), so
+    # a group without logical ids has nobody to own them: refuse at commit, not at the first provision.
+    if isinstance(iprops, dict) and iprops.get("Volumes") and not ids:
+        raise _fail("Properties.Instance.Properties.Volumes",
+                    "persistent volumes belong to a logical id: give the group Allocation.LogicalIDs "
+                    "(each id owns <group>-<id>-<name>), or remove Volumes")
     try:
         json.dumps(props, allow_nan=False)
     except (TypeError, ValueError) as e:
