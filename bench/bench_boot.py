@@ -1,23 +1,32 @@
-"""Boot to readiness of specs/images/minimal.yml under qemu TCG, against a floor booted in the same run.
+"""Boot to readiness of specs/images/minimal.yml under qemu TCG, with crun and with runc, against a
+floor booted in the same run.
 
-    .venv/bin/python bench/bench_boot.py [--runs 3]
+    .venv/bin/python bench/bench_boot.py [--runs 5] [--run-qemu 5]
 
-- image: minimal.yml's kernel+initrd, from qemu start to `mobykit: ready` on the serial console
-  (init, modules, DHCP, user-data lookup, sysctl + hello onboot containers with runc, httpd);
+- minimal: minimal.yml's kernel+initrd, from qemu start to `mobykit: ready` on the serial console
+  (init, modules, DHCP, sysctl + hello onboot containers, the httpd service); built once with
+  crun (minimal.yml as it is) and once with runc (the same spec with `@pkg:../pkgs/runc` in its
+  init: section - the one line a user changes);
 - floor: the same kernel and command line with a bare busybox initrd whose /init prints a marker
   at once (a shell prompt's worth of work);
 - where the difference goes, from two more images booted in the same run (bench/specs): the same
   kernel, command line and init with no containers (the init's own work: modules, DHCP, mounts),
-  and with one onboot container that does nothing (the difference is one "runc run").
+  and with one onboot container that does nothing (the difference is one container run);
+- per-step medians from the init's own trace (`mobykit.trace=1` on every image's command line:
+  seconds since the kernel started, as each step ends);
+- with --run-qemu N: `mobykit run qemu --until-ready` (the command a user types, process start
+  to exit) on minimal.yml's build against the same command on the floor's initrd, interleaved.
 
-Same qemu flags for both (-M pc, TCG, 512 MiB, virtio-net user networking). Target: image/floor
-<= 1.5x. Also reports the initrd size beside LinuxKit's minimal image (about 35 MB).
+Same qemu flags for every image (-M pc, TCG, 512 MiB, virtio-net user networking); all runs are
+interleaved (floor, then each image with each runtime, repeated). Target: minimal/floor <= 1.5x.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -30,11 +39,22 @@ from mobykit.image.build import build
 from mobykit.image.cache import Cache, default_root
 from mobykit.image.cpio import write_newc
 from mobykit.image.tree import Tree
+from mobykit.spec.load import SpecSource
 
 ROOT = Path(__file__).resolve().parent.parent
-FLOOR_INIT = (
-    b"#!/bin/busybox sh\n/bin/busybox echo FLOOR-SHELL-READY\nwhile :; do /bin/busybox sleep 60; done\n"
+RUNTIMES = ("crun", "runc")
+SPECS = (
+    ("empty", ROOT / "bench/specs/boot-empty.yml"),
+    ("one", ROOT / "bench/specs/boot-one.yml"),
+    ("minimal", ROOT / "specs/images/minimal.yml"),
 )
+READY = b"mobykit: ready"
+# The floor prints the readiness marker too, so `mobykit run qemu --until-ready` can time it.
+FLOOR_INIT = (
+    b"#!/bin/busybox sh\n/bin/busybox echo 'mobykit: ready sha256:floor'\n"
+    b"while :; do /bin/busybox sleep 60; done\n"
+)
+TRACE = re.compile(rb"^mobykit: trace (\d+\.\d+) (.+?)\r?$", re.M)
 
 
 def floor_initrd(path: Path) -> None:
@@ -43,32 +63,17 @@ def floor_initrd(path: Path) -> None:
     tree.add_bytes("init", FLOOR_INIT, mode=0o755)
     tree.add_dir("dev")
     tree.add_dir("proc")
-    import gzip
-
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         write_newc(iter(tree), gz, 0)
 
 
-def time_to(marker: bytes, kernel: Path, initrd: Path, cmdline: str, timeout: float = 300) -> float:
+def time_to(marker: bytes, kernel: Path, initrd: Path, cmdline: str, timeout: float = 300) -> tuple[float, bytes]:
+    """Seconds from qemu's start to ``marker`` on the console, and the console up to then."""
     cmd = [
-        "qemu-system-x86_64",
-        "-M",
-        "pc",
-        "-accel",
-        "tcg",
-        "-m",
-        "512",
-        "-nographic",
-        "-no-reboot",
-        "-kernel",
-        str(kernel),
-        "-initrd",
-        str(initrd),
-        "-append",
-        cmdline,
-        "-nic",
-        "user,model=virtio-net-pci",
-    ]
+        "qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+        "-nic", "user,model=virtio-net-pci",
+    ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -76,9 +81,9 @@ def time_to(marker: bytes, kernel: Path, initrd: Path, cmdline: str, timeout: fl
         os.set_blocking(proc.stdout.fileno(), False)
         while time.perf_counter() - start < timeout:
             chunk = proc.stdout.read(65536) or b""
-            seen = (seen + chunk)[-65536:]
+            seen += chunk
             if marker in seen:
-                return time.perf_counter() - start
+                return time.perf_counter() - start, seen
             if proc.poll() is not None:
                 break
             time.sleep(0.01)
@@ -88,58 +93,120 @@ def time_to(marker: bytes, kernel: Path, initrd: Path, cmdline: str, timeout: fl
         proc.wait()
 
 
+def steps(console: bytes) -> dict[str, float]:
+    """Per-step durations from the init's trace lines: each step from the previous line's time
+    (the first, "mounts", from the kernel's start: the kernel's boot plus the init's mounts)."""
+    out: dict[str, float] = {}
+    prev = 0.0
+    for stamp, name in TRACE.findall(console):
+        t = float(stamp)
+        key = name.decode()
+        if key.startswith("onboot "):
+            key = "onboot containers"
+        out[key] = out.get(key, 0.0) + (t - prev)
+        prev = t
+    return out
+
+
+def spec_for(path: Path, runtime: str) -> SpecSource:
+    """The spec as it is (crun) or with its init's crun line naming runc instead."""
+    text = path.read_text()
+    if runtime == "runc":
+        text, n = re.subn(r'(@pkg:[./]*?(?:specs/)?pkgs/)crun"', r'\1runc"', text)
+        if n != 1:
+            raise SystemExit(f"{path}: expected one crun line in init:")
+    return SpecSource(name=f"{path} ({runtime})", text=text, base=path.parent)
+
+
+def run_qemu(prefix: Path) -> float:
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "mobykit", "run", "qemu", "--until-ready", str(prefix)],
+                       capture_output=True, check=False)
+    took = time.perf_counter() - start
+    if r.returncode != 0:
+        raise RuntimeError(f"mobykit run qemu {prefix}: exit {r.returncode}\n{r.stdout[-2000:]!r}{r.stderr[-2000:]!r}")
+    return took
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--run-qemu", type=int, default=0, metavar="N",
+                    help="also time `mobykit run qemu --until-ready` on minimal.yml against the floor, N each")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mobykit-bench-boot-"))
     try:
         cache = Cache(os.environ.get("MOBYKIT_CACHE") or default_root())
         builds = {
-            name: build([spec], outdir=work, name=name, cache=cache)
-            for name, spec in (
-                ("minimal", ROOT / "specs/images/minimal.yml"),
-                ("empty", ROOT / "bench/specs/boot-empty.yml"),
-                ("one", ROOT / "bench/specs/boot-one.yml"),
-            )
+            (name, rt): build([spec_for(spec, rt)], outdir=work, name=f"{name}-{rt}", cache=cache)
+            for name, spec in SPECS for rt in RUNTIMES
         }
-        r = builds["minimal"]
+        r = builds["minimal", "crun"]
         cmdline = r.path("-cmdline").read_text().strip()
-        for name, b in builds.items():
-            if (
-                b.path("-cmdline").read_text().strip() != cmdline
-                or b.path("-kernel").read_bytes() != r.path("-kernel").read_bytes()
-            ):
-                raise SystemExit(f"bench/specs: {name} must use minimal.yml's kernel and cmdline")
-        cmdline += " mobykit.metadata=none"
+        kernel = r.path("-kernel").read_bytes()
+        for key, b in builds.items():
+            if b.path("-cmdline").read_text().strip() != cmdline or b.path("-kernel").read_bytes() != kernel:
+                raise SystemExit(f"bench/specs: {key} must use minimal.yml's kernel and cmdline")
+        cmdline += " mobykit.metadata=none mobykit.trace=1"
         floor_initrd(work / "floor-initrd.img")
-        times: dict[str, list[float]] = {"floor": [], "empty": [], "one": [], "minimal": []}
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in builds}
+        times["floor", ""] = []
+        traces: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in builds}
         for _ in range(args.runs):
-            times["floor"].append(
-                time_to(b"FLOOR-SHELL-READY", r.path("-kernel"), work / "floor-initrd.img", cmdline)
-            )
-            for name in ("empty", "one", "minimal"):
-                times[name].append(
-                    time_to(b"mobykit: ready", r.path("-kernel"), builds[name].path("-initrd.img"), cmdline)
-                )
-        f, e, o, i = (statistics.median(times[k]) for k in ("floor", "empty", "one", "minimal"))
-        size = r.path("-initrd.img").stat().st_size
+            times["floor", ""].append(
+                time_to(READY, r.path("-kernel"), work / "floor-initrd.img", cmdline)[0])
+            for key, b in builds.items():
+                took, console = time_to(READY, r.path("-kernel"), b.path("-initrd.img"), cmdline)
+                times[key].append(took)
+                traces[key].append(steps(console))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        f = med["floor", ""]
 
-        def spread(k: str) -> str:
-            return f"{min(times[k]):.2f}-{max(times[k]):.2f} s"
+        def spread(k: tuple[str, str]) -> str:
+            return f"{min(times[k]):.2f}-{max(times[k]):.2f}"
 
-        print(f"| measure (TCG, median of {args.runs}) | median | range | target |")
-        print("|---|---|---|---|")
-        print(f"| minimal.yml: qemu start to `mobykit: ready` | {i:.2f} s | {spread('minimal')} | |")
-        print(f"| floor: same kernel, bare busybox initrd to a shell | {f:.2f} s | {spread('floor')} | |")
-        print(f"| image / floor | {i / f:.2f}x | | <= 1.5x |")
-        print(f"| minimal.yml initrd | {size / 1e6:.1f} MB | | LinuxKit minimal: ~35 MB |")
-        print(
-            f"| boot-empty.yml (init, no containers) | {e:.2f} s ({e / f:.2f}x floor) | {spread('empty')} | |"
-        )
-        print(f"| boot-one.yml (one no-op onboot container) | {o:.2f} s | {spread('one')} | |")
-        print(f"| a boot's first `runc run` (boot-one - boot-empty) | {o - e:.2f} s | | |")
-        print(f"| minimal.yml's three containers (minimal - boot-empty) | {i - e:.2f} s | | |")
+        print(f"load average at the end: {os.getloadavg()[0]:.2f} (2 cores, shared)\n")
+        print(f"| qemu start to `mobykit: ready` (TCG, median of {args.runs}) | crun | runc |")
+        print("|---|---|---|")
+        print(f"| floor: same kernel and cmdline, bare busybox initrd | {f:.2f} s ({spread(('floor', ''))}) | |")
+        for name, label in (("empty", "boot-empty.yml (the init, no containers)"),
+                            ("one", "boot-one.yml (one no-op onboot container)"),
+                            ("minimal", "minimal.yml (2 onboot + 1 service)")):
+            cells = [f"{med[name, rt]:.2f} s ({spread((name, rt))}), {med[name, rt] / f:.2f}x" for rt in RUNTIMES]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        for label, a, b in (("one container run (one - empty)", "one", "empty"),
+                            ("minimal's three containers (minimal - empty)", "minimal", "empty")):
+            print(f"| {label} | " + " | ".join(f"{med[a, rt] - med[b, rt]:.2f} s" for rt in RUNTIMES) + " |")
+        print("| minimal.yml initrd | " + " | ".join(
+            f"{builds['minimal', rt].path('-initrd.img').stat().st_size / 1e6:.1f} MB" for rt in RUNTIMES) + " |")
+        print("\n| minimal.yml, init trace step (median s) | crun | runc |")
+        print("|---|---|---|")
+        names: list[str] = []
+        for rt in RUNTIMES:
+            for t in traces["minimal", rt]:
+                names += [n for n in t if n not in names]
+        for n in names:
+            cells = [statistics.median(t.get(n, 0.0) for t in traces["minimal", rt]) for rt in RUNTIMES]
+            label = "kernel boot + init mounts (from kernel start)" if n == "mounts" else n
+            print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        if args.run_qemu:
+            floor = work / "floor"
+            shutil.copy(r.path("-kernel"), f"{floor}-kernel")
+            shutil.copy(work / "floor-initrd.img", f"{floor}-initrd.img")
+            Path(f"{floor}-cmdline").write_text(r.path("-cmdline").read_text())
+            prefix = work / "minimal-crun"
+            run_qemu(floor)  # warm-up: the KVM probe's verdict is cached after the first run
+            rq: dict[str, list[float]] = {"floor": [], "minimal": []}
+            for _ in range(args.run_qemu):
+                rq["floor"].append(run_qemu(floor))
+                rq["minimal"].append(run_qemu(prefix))
+            fm, mm = statistics.median(rq["floor"]), statistics.median(rq["minimal"])
+            print(f"\n| `mobykit run qemu --until-ready` (median of {args.run_qemu}, interleaved) | s |")
+            print("|---|---|")
+            print(f"| bare busybox initrd, minimal.yml's kernel and cmdline | {fm:.2f} |")
+            print(f"| minimal.yml (crun) | {mm:.2f} |")
+            print(f"| ratio | {mm / fm:.2f}x |")
+            print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

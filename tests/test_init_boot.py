@@ -79,7 +79,8 @@ class Run:
 
 def _boot_scenario(build, *, runtime: str = "crun", append: str = "", user_data: str | None = None, meta_data: str = "",
                    http: bool = False, ready: str = r"^mobykit: (not )?ready .*$",
-                   metadata: gk.FakeMetadata | None = None, press_power: bool = True) -> Run:
+                   metadata: gk.FakeMetadata | None = None, press_power: bool = True,
+                   smbios: str | None = None) -> Run:
     parts = gk.parts()
     with gk.workdir() as w:
         img = gk.GuestImage(w, parts)
@@ -87,7 +88,7 @@ def _boot_scenario(build, *, runtime: str = "crun", append: str = "", user_data:
         initrd = img.write_initrd(w / "initrd.gz")
         iso = make_iso(w / "cidata.iso", user_data, meta_data) if user_data is not None else None
         with gk.boot(parts.kernel, initrd, w, append=append, cdrom=iso, http=http,
-                     metadata=metadata.port if metadata else None) as g:
+                     metadata=metadata.port if metadata else None, smbios=smbios) as g:
             m = g.wait_for(ready, BOOT_TIMEOUT)
             body = None
             if http:
@@ -193,7 +194,9 @@ def _cloud(kind: str, append: str = "", refused_service: bool = False) -> tuple[
                 img.add_bundle("services", "nouts", gk.oci_config(
                     ["/bin/echo", "nouts: started"], namespaces=("pid", "mount"), hostname="x") | {"hostname": "nouts"})
 
-        return _boot_scenario(build, append=append, metadata=server), server.requests
+        # the cloud's DMI strings, as its VMs have them (the init asks a metadata server only there)
+        smbios = {"aws": "type=1,manufacturer=Amazon EC2", "gcp": "type=1,product=Google Compute Engine"}[kind]
+        return _boot_scenario(build, append=append, metadata=server, smbios=smbios), server.requests
     finally:
         server.close()
 

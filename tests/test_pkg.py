@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -103,7 +104,7 @@ def test_cli_bad_recipe_exit_code(tmp_path: Path) -> None:
 
 def test_shipped_recipes_validate() -> None:
     names = sorted(p.name for p in pkgbuild.find_recipes(RECIPES))
-    assert names == ["getty", "httpd", "init", "kernel", "runc", "sysctl"]
+    assert {"crun", "getty", "httpd", "init", "kernel", "runc", "sysctl"} <= set(names)
     for d in pkgbuild.find_recipes(RECIPES):
         assert recipe_mod.load(d).name == d.name
 
@@ -151,16 +152,17 @@ def test_cli_build_all_and_show(tmp_path: Path, cache: Cache) -> None:
                        capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     refs = r.stdout.split()
-    assert [x.split(":")[0] for x in refs] == [f"mobykit/{n}" for n in
-                                               ("getty", "httpd", "init", "kernel", "runc", "sysctl")]
+    by_name = {x.split(":")[0].removeprefix("mobykit/"): x for x in refs}
+    assert [x.split(":")[0] for x in refs] == sorted(x.split(":")[0] for x in refs)  # recipe order
+    assert {"crun", "getty", "httpd", "init", "kernel", "runc", "sysctl"} <= set(by_name)
     for ref in refs:
         cache.resolve(ref, "amd64")
     s = subprocess.run([sys.executable, "-m", "mobykit.cli.main", "pkg", "show", "httpd", "--root", str(RECIPES)],
                        capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert s.returncode == 0 and s.stdout.split() == [refs[1]]
+    assert s.returncode == 0 and s.stdout.split() == [by_name["httpd"]]
     again = subprocess.run([sys.executable, "-m", "mobykit.cli.main", "pkg", "build", str(RECIPES / "runc")],
                            capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert again.stdout.strip().splitlines()[-1] == refs[4] and "up to date" in again.stderr
+    assert again.stdout.strip().splitlines()[-1] == by_name["runc"] and "up to date" in again.stderr
 
 
 @pytest.mark.slow
@@ -183,9 +185,33 @@ def test_kernel_image_layout_and_modules(tmp_path: Path, cache: Cache) -> None:
     assert order.index("virtio_ring") < order.index("virtio_pci") < order.index("virtio_net")
     assert order.index("fat") < order.index("vfat") and order.index("llc") < order.index("bridge")
     assert "ext4" not in order  # built into the cloud kernel
+    # what the init's coldplug (device modaliases) and the kernel's on-demand loads look up
+    aliases = (mods / "lib" / "modules" / ver / "modules.alias").read_text()
+    assert re.search(r"^alias virtio:d00000001v\* virtio_net$", aliases, re.M)
+    assert re.search(r"^alias pci:v00008086d00007010sv\*sd\*bc\*sc\*i\* ata_piix$", aliases, re.M)
+    for alias, module in (("fs-iso9660", "isofs"), ("fs-overlay", "overlay"), ("rtnl-link-veth", "veth")):
+        assert f"alias {alias} {module}\n" in aliases
     # every module listed is in the tar; nothing more than asked-for plus dependencies
     kos = sorted(p.name[:-3] for p in (mods / "lib" / "modules" / ver).rglob("*.ko"))
     assert kos == sorted(order)
+
+
+@pytest.mark.slow
+def test_crun_runs_from_its_image_alone(tmp_path: Path, cache: Cache) -> None:
+    res = pkgbuild.build(RECIPES / "crun", cache=cache)
+    root = tmp_path / "c"
+    _unpack(cache, res.ref, root)
+    # crun re-executes itself through /proc/self/exe: give the chroot a /proc, in a mount
+    # namespace of its own so nothing is left mounted
+    (root / "proc").mkdir(exist_ok=True)
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        f"mount -t proc proc '{root}/proc' && exec chroot '{root}' /usr/bin/crun --version"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "crun version 1." in r.stdout and "+SECCOMP" in r.stdout
+    # only the binary and what it links: no Debian docs, no man pages
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parts[len(root.parts)] != "proc")
+    assert "usr/bin/crun" in files and all(f.startswith(("usr/bin/", "lib", "usr/lib")) for f in files), files
 
 
 @pytest.mark.slow

@@ -4,8 +4,11 @@
 Why a module subset with our own ``modules.dep``: the Debian package carries 1100+ modules (tens
 of MB in every initrd) and no modules.dep (its postinst runs depmod on the installed system). We
 take the modules asked for plus what ``modinfo`` says they depend on, and run kmod's
-``depmod -b`` over just those, so busybox ``modprobe`` works in the guest. The load order (deps
-first) is written to ``etc/modules-load.d/mobykit.conf`` for the init.
+``depmod -b`` over just those, so busybox ``modprobe`` works in the guest - by name, by device
+modalias (the init's coldplug) and by the aliases the kernel asks for on first use (fs-iso9660,
+rtnl-link-veth), all from the ``modules.alias`` depmod writes. The load order (deps first) is
+written to ``etc/modules-load.d/mobykit.conf``: the init loads that whole list only with
+``mobykit.modules=all``.
 """
 
 from __future__ import annotations

@@ -347,11 +347,13 @@ class Guest:
 
 @contextlib.contextmanager
 def boot(kernel: Path, initrd: Path, workdir: Path, *, append: str = "", cdrom: Path | None = None,
-         http: bool = True, memory: int = 512, metadata: int | None = None) -> Iterator[Guest]:
+         http: bool = True, memory: int = 512, metadata: int | None = None,
+         smbios: str | None = None) -> Iterator[Guest]:
     """Boot under qemu TCG with the console on a file and user-mode networking (a guest port 80
     forwarded from 127.0.0.1 when ``http``). With ``metadata`` (a port on 127.0.0.1), the user
     network is 169.254.0.0/16 and the guest's connections to 169.254.169.254:80 reach that port,
     one ``busybox nc`` per connection, as a cloud's metadata server would be reached.
+    ``smbios``: a qemu ``-smbios`` value, to give the guest a cloud's DMI strings.
     qemu is killed by PID on the way out."""
     console = workdir / "console.log"
     monitor = workdir / "monitor.sock"
@@ -365,6 +367,8 @@ def boot(kernel: Path, initrd: Path, workdir: Path, *, append: str = "", cdrom: 
            "-nic", nic, "-serial", f"file:{console}", "-monitor", f"unix:{monitor},server=on,wait=off",
            "-display", "none"]
     cmd = [c for c in cmd if c != "-nographic"]
+    if smbios:
+        cmd += ["-smbios", smbios]
     if cdrom:
         cmd += ["-drive", f"file={cdrom},media=cdrom,if=ide,index=2,readonly=on,format=raw"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(workdir / "qemu.err").open("wb"))
