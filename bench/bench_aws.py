@@ -195,7 +195,7 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
     from mobykit.providers.aws import AWSProvider
     from mobykit.spi.group import GroupSpec
 
-    with tempfile.TemporaryDirectory(prefix="bench-aws-") as tmp, moto(latency):
+    with tempfile.TemporaryDirectory(prefix="bench-aws-") as tmp, moto(latency) as server:
         root = Path(tmp) / "root"
         root.mkdir()
         (root / "app.json").write_text("{}\n")
@@ -209,6 +209,8 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
         core = InstanceCore(config, providers={"aws": provider})
         flavor = MobyFlavor(config, instances=core)
 
+        server_cpu: dict[int, list[float]] = {1: [], size: []}  # moto's CPU seconds per converge, by size
+
         def converge(name: str, n: int) -> float:
             props = {"Allocation": {"Size": n},
                      "Instance": {"Plugin": "mobykit/aws", "Properties": {"RunInstancesInput": {"InstanceType": "t3.micro"}}},
@@ -217,7 +219,7 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
                                   options=Options(poll_interval=1.0, max_parallel=max(16, n)))
             if calls is not None:
                 calls.reset()
-            t0 = time.perf_counter()
+            s0, t0 = cpu_seconds(server.pid), time.perf_counter()
             ctl.start()
             try:
                 end = t0 + 300
@@ -225,7 +227,9 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
                     if time.perf_counter() > end:
                         raise SystemExit(f"bench: {name} did not converge: {ctl.status()}")
                     time.sleep(0.01)
-                return time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                server_cpu.setdefault(n, []).append(cpu_seconds(server.pid) - s0)
+                return took
             finally:
                 ctl.stop()
 
@@ -235,6 +239,7 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
         times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, _ in variants}
         with paths.using(paths.PathPolicy.under([root])):
             warm = converge("warm", 1)  # builds the image and publishes the AMI
+            server_cpu[1].clear()
             for i in range(rounds):  # interleaved, so the variants and sizes share the machine's load
                 for name, early in variants:
                     provider.early_consoles = provider.consoles.share = early
@@ -250,6 +255,9 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
         print(f"{name}:\n{'instances':>10} {'seconds':>8} {'x one':>6}")
         print(f"{1:>10} {one:>8.2f} {1.0:>6.2f}   all: {' '.join(f'{t:.2f}' for t in ones)}")
         print(f"{size:>10} {many:>8.2f} {many / one:>6.2f}   all: {' '.join(f'{t:.2f}' for t in manys)}")
+    cpu = {n: sorted(v)[len(v) // 2] for n, v in server_cpu.items() if v}
+    print(f"moto's own CPU per converge (median): {cpu[1]:.2f} s for 1 instance, {cpu[size]:.2f} s for {size} "
+          "(one Python process serving every call: the part of the difference the real service would not add)")
     if calls is not None:
         print(f"\nAWS calls of the last 0 -> {size} run (seconds from the commit; overlapping calls of one "
               "operation are one line):")

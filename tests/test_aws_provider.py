@@ -356,6 +356,7 @@ def test_listings_are_pending_and_running_on_the_server_and_a_groups_stopped_ins
     keep, stop = (p.create(MachineSpec(props, {GROUP_TAG: "stops", "ns": "a"})) for _ in range(2))
     elsewhere = p.create(MachineSpec(props, {GROUP_TAG: "stops", "ns": "b"}))  # another deployment's
     loose = p.create(MachineSpec(props, {"ns": "a"}))  # no group's
+    assert {m.id for m in p.list({})} == {keep.id, stop.id, elsewhere.id, loose.id}  # EC2 shows them all now
     ec2().stop_instances(InstanceIds=[stop.id, elsewhere.id, loose.id])
     aws.faults.record = []
     assert [m.id for m in p.list({GROUP_TAG: "stops", "ns": "a"})] == [keep.id]
@@ -375,6 +376,29 @@ def test_listings_are_pending_and_running_on_the_server_and_a_groups_stopped_ins
     # the group's listing had the provider look for its stopped instances, on the server too
     assert [f for f in described if f["instance-state-name"] == {"stopping", "stopped"}] == [
         {"instance-state-name": {"stopping", "stopped"}, f"tag:{GROUP_TAG}": {"stops"}, "tag:ns": {"a"}}]
+
+
+def test_a_launch_is_listed_until_ec2_shows_it_then_ec2_decides():
+    """DescribeInstances is eventually consistent: an instance RunInstances returned is listed (as
+    pending, with the tags it was launched with) until a listing shows it, for at most ``trust``."""
+    from mobykit.providers.aws.recent import Recent
+    from mobykit.providers.base import Machine
+
+    now = [0.0]
+    recent = Recent(trust=10.0, clock=lambda: now[0])
+    a = Machine("i-a", {GROUP_TAG: "g", "ns": "1"}, "pending")
+    b = Machine("i-b", {GROUP_TAG: "g", "ns": "1"}, "pending")
+    other = Machine("i-c", {GROUP_TAG: "h", "ns": "1"}, "pending")
+    for m in (a, b, other):
+        recent.launched(m)
+    running_a = Machine("i-a", a.tags, "running")
+    assert recent.merge([running_a], {GROUP_TAG: "g"}) == [running_a, b]  # b: launched, not shown yet
+    assert recent.merge([], {GROUP_TAG: "g"}) == [b]  # a was shown: from now on EC2 decides
+    recent.gone("i-b")  # destroyed
+    assert recent.merge([], {GROUP_TAG: "g"}) == []
+    assert recent.merge([], {"ns": "1"}) == [other]
+    now[0] += 10.5
+    assert recent.merge([], {"ns": "1"}) == []  # never shown within trust: taken to be gone
 
 
 def test_listings_page_through_every_instance(aws, monkeypatch):

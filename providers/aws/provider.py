@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from mobykit.providers.aws.properties import (
     user_data,
 )
 from mobykit.providers.aws.publish import Publisher
+from mobykit.providers.aws.recent import Recent
 from mobykit.providers.base import BootImage, Machine, MachineSpec
 
 GROUP_TAG = "infrakit.group"  # what a group controller lists by (Infrakit's tag)
@@ -58,6 +60,7 @@ class AWSProvider:
         self._reaper: ThreadPoolExecutor | None = None
         self.consoles = ConsoleReads(self._console)
         self.expected = Expected()  # what each group's next listing shows: its consoles are read meanwhile
+        self.recent = Recent()  # launches EC2's eventually consistent listings may not show yet
         self.early_consoles = True  # read those while the listing runs (False: after it; bench comparisons)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -150,7 +153,10 @@ class AWSProvider:
         request["TagSpecifications"] = list(given.values())
         self._used(self.clients.region(props.region))
         made = instances.run(ec2, request)
-        self.expected.launched(made.id, tags)
+        own = {k: v for k, v in instances.tag_dict(given["instance"]["Tags"]).items() if not k.startswith("aws:")}
+        made = dataclasses.replace(made, tags={**made.tags, **own})  # as tagged, whatever the answer echoed
+        self.recent.launched(made)
+        self.expected.launched(made.id, made.tags)
         return made
 
     def _check_zone(self, ec2: Any, region: str, zone: str | None) -> None:
@@ -196,20 +202,23 @@ class AWSProvider:
         self._in_regions(id, lambda ec2: instances.set_tags(ec2, id, tags))
 
     def destroy(self, id: str) -> None:
+        self.recent.gone(id)
         self.expected.gone(id)
         self.consoles.forget(id)
         for ec2 in self._ec2s():  # terminating an id another region holds is a no-op there
             instances.terminate(ec2, id)
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
-        """Pending and running instances with ``tags`` (both filtered by EC2). A group's listing
-        also starts its consoles' reads (console.py) and, now and then, its ``reap``."""
+        """Pending and running instances with ``tags`` (both filtered by EC2), and the ones launched
+        here that EC2 does not show yet (``recent.py``). A group's listing also starts its
+        consoles' reads (console.py) and, now and then, its ``reap``."""
         group = GROUP_TAG in tags  # a group's listing: its health pass reads these consoles next
         expected: frozenset[str] = frozenset()
         if group and self.early_consoles:
             expected = self.expected.before(tags)
             self.consoles.prefetch(sorted(expected))  # while the listing runs (console.py)
-        found = sorted((m for ec2 in self._ec2s() for m in instances.describe(ec2, dict(tags))), key=lambda m: m.id)
+        # EC2's answer, plus what this provider launched that it does not show yet (recent.py).
+        found = self.recent.merge([m for ec2 in self._ec2s() for m in instances.describe(ec2, dict(tags))], tags)
         if group:
             ids = [m.id for m in found]
             if self.early_consoles:
@@ -234,6 +243,7 @@ class AWSProvider:
                 log.warning("terminating %s instance %s of %s: it is no longer a member and was replaced",
                             m.state, m.id, tags.get(GROUP_TAG))
                 self.expected.gone(m.id)
+                self.recent.gone(m.id)
                 instances.terminate(ec2, m.id)
                 reaped.append(m.id)
         return reaped
