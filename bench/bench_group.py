@@ -198,11 +198,12 @@ def libvirt_runs(runs: int, args_verbose: bool = False, keep_log: str | None = N
     for image in images:
         demo.build_image(image, cache=cache)
     specs = [demo.group_spec(demo.GROUP_SPEC, image) for image in images]
-    rows = []
+    rows, converges = [], []
     with demo.stack(cache_root=cache_root, group_id=specs[0].id) as st:
         timed: list[demo.Timed] = []
         demo.converge(st, specs[0], interval=0.2, timed=timed)
         for c in timed:
+            converges.append(c)
             print(f"converge 0 -> 3: {c.seconds:.1f} s = {c.ratio:.2f}x one VM's boot to ready "
                   f"({c.boot:.1f} s, median of the 3)", flush=True)
         for i in range(runs):
@@ -210,10 +211,6 @@ def libvirt_runs(runs: int, args_verbose: bool = False, keep_log: str | None = N
             if r.timed is None:
                 raise SystemExit("bench: the roll could not be timed (boot times need a local libvirtd)")
             rows.append(r)
-        if keep_log:
-            import shutil
-
-            shutil.copy(st.serve_log, keep_log)
             print(f"roll {i + 1}: {r.timed.seconds:.1f} s = {r.timed.ratio:.2f}x 3 x (boot {r.timed.boot:.1f} s "
                   f"+ MinReady {r.timed.min_ready:g} s + 1 s) = {r.timed.ideal:.1f} s; "
                   f"never fewer than {r.min_healthy} HEALTHY; per wave: destroy {r.timed.destroy or 0:.1f} s, "
@@ -221,10 +218,16 @@ def libvirt_runs(runs: int, args_verbose: bool = False, keep_log: str | None = N
                   f"3 x (boot + MinReady + destroy + provision)", flush=True)
             if args_verbose:
                 print("  " + "\n  ".join(r.timed.timeline), flush=True)
+        if keep_log:
+            import shutil
+
+            shutil.copy(st.serve_log, keep_log)
     ratios = [r.timed.ratio for r in rows]
+    floors = [r.timed.seconds / r.timed.floor for r in rows]
     print(f"rolls: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x) "
           f"over {len(ratios)}; median roll {statistics.median(r.timed.seconds for r in rows):.1f} s, "
-          f"median boot {statistics.median(r.timed.boot for r in rows):.1f} s; "
+          f"median boot {statistics.median(r.timed.boot for r in rows):.1f} s; against 3 x (boot + MinReady + "
+          f"this host's destroy + provision): median {statistics.median(floors):.2f}x; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
