@@ -260,3 +260,30 @@ def test_a_port_probe_runs_on_its_own_schedule_and_its_passing_is_an_event():
         assert watch.seen("i-1", IMAGE, port=check).port_ok
     finally:
         server.close()
+
+
+def test_a_cloud_error_in_a_background_poll_is_retried_not_fatal():
+    from mobykit.errors import Unavailable
+
+    clock = Clock()
+    answers = ["", Unavailable("GetConsoleOutput: throttled"), f"mobykit: ready {IMAGE}\n"]
+
+    class Flaky:
+        def console_output(self, iid):
+            a = answers.pop(0) if len(answers) > 1 else answers[0]
+            if isinstance(a, Exception):
+                raise a
+            return a
+
+        def state(self, iid):
+            return "running"
+
+    watch = HealthWatch(lambda: Flaky(), clock=clock, poll_first=1.0, poll_max=1.0, thread=False)
+    events = Events()
+    watch.subscribe(events)
+    assert watch.seen("i-1", IMAGE).verdict is None
+    for _ in range(3):
+        clock.now += 1
+        watch.run_due()  # the throttled read is logged and retried after the back-off
+    assert events.ids == ["i-1"]
+    assert watch.watched()["i-1"].verdict is True

@@ -244,7 +244,11 @@ class HealthWatch:
 
     def _run(self) -> None:
         while True:
-            nxt = self.run_due()
+            try:
+                nxt = self.run_due()
+            except Exception:  # noqa: BLE001 - the watch must outlive a bug in one pass
+                log.exception("health watch pass failed")
+                nxt = self.clock() + self.poll_max
             with self._cond:
                 if self._closed:
                     return
@@ -274,7 +278,10 @@ class HealthWatch:
         for cancel in cancels:
             cancel()
         for e in reads:
-            told += self._read(e)
+            try:
+                told += self._read(e)
+            except Exception as err:  # noqa: BLE001 - a cloud API hiccup: try again after the back-off
+                log.info("console of %s not read: %s", e.id, err)
             with self._cond:
                 if e.pending() and e.cancel is None:
                     e.poll_delay = min(self.poll_max, e.poll_delay * 2 or self.poll_first)
