@@ -12,8 +12,9 @@ this process's GIL with the client being measured.
    (the provider's default) and once strictly one block at a time (``parallel=1``), both through
    the same code (StartSnapshot, 512 KiB blocks with SHA256, CompleteSnapshot, RegisterImage).
    Measured with no added latency and with each ``--rtt-ms`` per call (a network round trip:
-   localhost has none, the real service always does). Without latency both are bound by moto's own
-   CPU per block (one Python process, ~14 ms a block here, on 2 shared cores), not by the client.
+   localhost has none, the real service always does). Without latency both are bound by CPU: moto's
+   own per block (one Python process, ~6 ms a block) and the client's (~3.6 ms), on 2 shared cores;
+   the columns "CPU ms/block" show both.
 2. Converge: the real group controller, moby flavor and InstanceCore over the provider, every AWS
    call delayed by ``--latency-ms``; time for 0 -> 1 and 0 -> ``--size`` (the AMI published before).
    ``--compare`` also runs the provider with the consoles of a group read after its listing

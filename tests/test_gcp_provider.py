@@ -213,6 +213,22 @@ def test_anonymous_credentials_are_for_plain_http_loopback_only(endpoint, anonym
     assert is_loopback_http(endpoint) is anonymous
 
 
+def test_the_project_comes_from_the_config_then_the_environment(cloud, monkeypatch):
+    fake, _ = cloud
+    bare = GCPProvider({"Zone": ZONE, "Endpoint": fake.endpoint})  # no Project; no ADC (env)
+    try:
+        with pytest.raises(InvalidArgument, match=r"^Properties\.Project: no project .*GOOGLE_CLOUD_PROJECT"):
+            bare.validate({})
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
+        bare.validate({})  # the zone is looked up in that project
+        assert bare.project() == PROJECT
+        other = GCPProvider({"Project": "configured", "Zone": ZONE, "Endpoint": fake.endpoint})
+        assert other.project() == "configured"  # the config wins over the environment
+        other.close()
+    finally:
+        bare.close()
+
+
 def test_unknown_config_key_is_named(env):
     with pytest.raises(InvalidArgument, match=r"^providers\.gcp: unknown key\(s\) Regio"):
         GCPProvider({"Regio": "x"})
