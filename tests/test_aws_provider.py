@@ -659,6 +659,7 @@ def test_a_groups_consoles_are_read_while_its_listing_runs(aws, tmp_path):
     tags since) have their consoles read while DescribeInstances runs, so a health pass costs one
     round trip; a destroyed one is no longer read."""
     p = provider()
+    p.reap_interval = 3600.0  # only the first listing looks for stopped instances: not the one recorded
     image = fake_image(tmp_path)
     p.publish_image(image, {"Image": image.id})
     tags = {GROUP_TAG: "early", "ns": "a"}
