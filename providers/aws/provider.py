@@ -58,6 +58,7 @@ class AWSProvider:
         self.reap_interval = REAP_INTERVAL
         self._reaps: dict[tuple[tuple[str, str], ...], float] = {}  # a group's tags -> its last reap
         self._reaper: ThreadPoolExecutor | None = None
+        self._region_pool: ThreadPoolExecutor | None = None
         self.consoles = ConsoleReads(self._console)
         self.expected = Expected()  # what each group's next listing shows: its consoles are read meanwhile
         self.recent = Recent()  # launches EC2's eventually consistent listings may not show yet
@@ -190,6 +191,18 @@ class AWSProvider:
         regions = list(dict.fromkeys([self.clients.region(), *extra]))
         return [self._clients(r).ec2 for r in regions]
 
+    def _each_region(self, call: Callable[[Any], Any]) -> list[Any]:
+        """``call(ec2)`` in every region looked in, at once when there are several (a listing costs
+        one round trip, not one per region); the first failure is raised."""
+        ec2s = self._ec2s()
+        if len(ec2s) == 1:
+            return [call(ec2s[0])]
+        with self._lock:
+            if self._region_pool is None:
+                self._region_pool = ThreadPoolExecutor(8, thread_name_prefix="aws-regions")
+            pool = self._region_pool
+        return list(pool.map(call, ec2s))
+
     def _in_regions(self, id: str, call: Callable[[Any], Any]) -> Any:
         for ec2 in self._ec2s():
             try:
@@ -205,8 +218,7 @@ class AWSProvider:
         self.recent.gone(id)
         self.expected.gone(id)
         self.consoles.forget(id)
-        for ec2 in self._ec2s():  # terminating an id another region holds is a no-op there
-            instances.terminate(ec2, id)
+        self._each_region(lambda ec2: instances.terminate(ec2, id))  # a no-op where another region holds it
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
         """Pending and running instances with ``tags`` (both filtered by EC2), and the ones launched
@@ -218,7 +230,8 @@ class AWSProvider:
             expected = self.expected.before(tags)
             self.consoles.prefetch(sorted(expected))  # while the listing runs (console.py)
         # EC2's answer, plus what this provider launched that it does not show yet (recent.py).
-        found = self.recent.merge([m for ec2 in self._ec2s() for m in instances.describe(ec2, dict(tags))], tags)
+        found = self.recent.merge([m for ms in self._each_region(lambda ec2: instances.describe(ec2, dict(tags)))
+                                   for m in ms], tags)
         if group:
             ids = [m.id for m in found]
             if self.early_consoles:
@@ -281,5 +294,8 @@ class AWSProvider:
         self.consoles.close()
         with self._lock:
             reaper, self._reaper = self._reaper, None
+            regions, self._region_pool = self._region_pool, None
         if reaper is not None:
             reaper.shutdown(wait=True, cancel_futures=True)
+        if regions is not None:
+            regions.shutdown(wait=False)
