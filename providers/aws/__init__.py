@@ -9,7 +9,10 @@ Why the design is what it is:
   ``blocks``), registered as an hvm/ENA AMI; the snapshot and the AMI carry the tag
   ``mobykit.image`` and are found again by it, by any server.
 - Tags are the only state (``instances``): RunInstances tags at launch, listings filter on the
-  server, the console is GetConsoleOutput.
+  server (the tags, states pending and running), the console is GetConsoleOutput. A group's
+  stopped instances are no members and are terminated (``AWSProvider.reap``); this server's own
+  launches are listed until EC2's eventually consistent listings show them (``recent``); a group's
+  consoles are read while its listing runs (``console``).
 - Credentials, region and endpoint come from boto3's standard chain; every call goes through
   botocore's ``adaptive`` retry mode and its waiters (``clients``).
 
