@@ -18,7 +18,8 @@ this process's GIL with the client being measured.
 2. Converge: the real group controller, moby flavor and InstanceCore over the provider, every AWS
    call delayed by ``--latency-ms``; time for 0 -> 1 and 0 -> ``--size`` (the AMI published before).
    ``--compare`` also runs the provider with the consoles of a group read after its listing
-   returns (as before 2026-12-02), interleaved with the default, so both see the same load.
+   returns (the earlier way; everything else as now), interleaved with the default, so both see
+   the same load.
    ``--trace`` prints every AWS call of the last 0 -> ``--size`` run (start, end, operation,
    thread, as the client saw them): where the serial waits are.
 """
@@ -236,7 +237,7 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
 
         variants = [("consoles read during the listing", True)]
         if compare:
-            variants.append(("consoles read after it (before 2026-12-02)", False))
+            variants.append(("consoles read after the listing returns (the earlier way)", False))
         times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name, _ in variants}
         with paths.using(paths.PathPolicy.under([root])):
             warm = converge("warm", 1)  # builds the image and publishes the AMI
