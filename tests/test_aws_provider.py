@@ -343,16 +343,14 @@ def server_filters(calls: list[dict[str, str]], action: str) -> list[dict[str, s
     return out
 
 
-def test_listings_are_pending_and_running_on_the_server_and_a_groups_stopped_instances_are_terminated(aws, tmp_path):
+def test_listings_are_pending_and_running_on_the_server_and_a_groups_stopped_instances_are_terminated(aws):
     """A stopped instance is no member (listings filter states pending and running on the server, as
     Infrakit's AWS plugin does), so its group replaces it; the group's listing then has the provider
     terminate it, as an Auto Scaling group does, rather than leave it behind with the group's tags.
     Only that group's stopped instances, in that namespace: nothing else is touched."""
     p = provider()
     p.reap_interval = 0.0
-    image = fake_image(tmp_path)
-    p.publish_image(image, {"Image": image.id})
-    props = {"Image": image.id}
+    props = {"RunInstancesInput": {"ImageId": ec2().register_image(Name="base")["ImageId"]}}
     keep, stop = (p.create(MachineSpec(props, {GROUP_TAG: "stops", "ns": "a"})) for _ in range(2))
     elsewhere = p.create(MachineSpec(props, {GROUP_TAG: "stops", "ns": "b"}))  # another deployment's
     loose = p.create(MachineSpec(props, {"ns": "a"}))  # no group's
@@ -654,23 +652,25 @@ def test_console_reads_prefetched_by_a_listing_are_used_only_while_young():
         consoles.close()
 
 
-def test_a_groups_consoles_are_read_while_its_listing_runs(aws, tmp_path):
+def test_a_groups_consoles_are_read_while_its_listing_runs(aws):
     """The instances a group's listing will show (the last listing's, and those launched with its
     tags since) have their consoles read while DescribeInstances runs, so a health pass costs one
     round trip; a destroyed one is no longer read."""
     p = provider()
     p.reap_interval = 3600.0  # only the first listing looks for stopped instances: not the one recorded
-    image = fake_image(tmp_path)
-    p.publish_image(image, {"Image": image.id})
+    image = "sha256:" + "e" * 64  # an AMI of ours (tagged), so moto's console prints the ready line
+    ami = ec2().register_image(Name="ours", TagSpecifications=[
+        {"ResourceType": "image", "Tags": [{"Key": IMAGE_TAG, "Value": image}]}])["ImageId"]
+    props = {"RunInstancesInput": {"ImageId": ami}}
     tags = {GROUP_TAG: "early", "ns": "a"}
     assert p.list(tags) == []
-    a = p.create(MachineSpec({"Image": image.id}, {**tags, "x": "1"}))
-    other = p.create(MachineSpec({"Image": image.id}, {GROUP_TAG: "other", "ns": "a"}))
+    a = p.create(MachineSpec(props, {**tags, "x": "1"}))
+    other = p.create(MachineSpec(props, {GROUP_TAG: "other", "ns": "a"}))
     assert p.expected.before(tags) == {a.id}
     aws.faults.latency = 1.0  # every answer leaves the server at least this long after its request came
     aws.faults.record = []
     assert [m.id for m in p.list(tags)] == [a.id]
-    assert f"mobykit: ready {image.id}" in p.console_output(a.id)
+    assert f"mobykit: ready {image}" in p.console_output(a.id)
     aws.faults.latency = 0.0
     arrived = {c["Action"]: float(c["at"]) for c in aws.faults.record}
     assert len(aws.faults.record) == 2 and set(arrived) == {"DescribeInstances", "GetConsoleOutput"}  # "other" not read
