@@ -392,6 +392,9 @@ def test_a_launch_is_listed_until_ec2_shows_it_then_ec2_decides():
     running_a = Machine("i-a", a.tags, "running")
     assert recent.merge([running_a], {GROUP_TAG: "g"}) == [running_a, b]  # b: launched, not shown yet
     assert recent.merge([], {GROUP_TAG: "g"}) == [b]  # a was shown: from now on EC2 decides
+    recent.retagged("i-b", {GROUP_TAG: "g", "ns": "2"})  # labelled before EC2 showed it
+    assert recent.merge([], {"ns": "1", GROUP_TAG: "g"}) == []
+    assert [m.tags["ns"] for m in recent.merge([], {GROUP_TAG: "g"})] == ["2"]
     recent.gone("i-b")  # destroyed
     assert recent.merge([], {GROUP_TAG: "g"}) == []
     assert recent.merge([], {"ns": "1"}) == [other]

@@ -213,6 +213,7 @@ class AWSProvider:
 
     def set_tags(self, id: str, tags: dict[str, str]) -> None:
         self._in_regions(id, lambda ec2: instances.set_tags(ec2, id, tags))
+        self.recent.retagged(id, {k: v for k, v in tags.items() if not k.startswith("aws:")})
 
     def destroy(self, id: str) -> None:
         self.recent.gone(id)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mobykit.providers.base import Machine
 
@@ -38,6 +38,14 @@ class Recent:
     def launched(self, machine: Machine) -> None:
         with self._lock:
             self._launched[machine.id] = (machine, self.clock())
+
+    def retagged(self, instance_id: str, tags: dict[str, str]) -> None:
+        """Its tags were replaced (Label) before any listing showed it."""
+        with self._lock:
+            found = self._launched.get(instance_id)
+            if found is not None:
+                m, at = found
+                self._launched[instance_id] = (replace(m, tags=dict(tags)), at)
 
     def gone(self, instance_id: str) -> None:
         with self._lock:
