@@ -103,7 +103,10 @@ def domain_xml(instance_id: str, props: dict[str, Any], boot: BootSpec, meta: In
     xml = ET.tostring(root, encoding="unicode")
     if publish and qemu_args:
         fwd = ",".join(f"hostfwd={proto}:127.0.0.1:{host}-:{guest}" for proto, host, guest in publish)
-        args = ["-netdev", f"user,id=mkpub0,{fwd}", "-device", "virtio-net-pci,netdev=mkpub0"]
+        # A fixed PCI slot: qemu places these arguments before libvirt's own devices, so an automatic
+        # one would take slot 2, which libvirt has given to a disk (Volumes). 0x1e: after every
+        # device libvirt places, before the private network's NIC (0x1f), so the guest's eth0.
+        args = ["-netdev", f"user,id=mkpub0,{fwd}", "-device", "virtio-net-pci,netdev=mkpub0,addr=0x1e"]
         extra = "".join(f"<qemu:arg value='{xml_attr(a)}'/>" for a in args)
         xml = xml.replace("<domain ", f"<domain xmlns:qemu='{QEMU_NS}' ", 1).replace(
             "</domain>", f"<qemu:commandline>{extra}</qemu:commandline></domain>")

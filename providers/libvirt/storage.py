@@ -38,7 +38,12 @@ class Storage:
         """Where to put a new pool: beside libvirt's ``default`` pool, else the daemon's usual place."""
         lv = libvirt()
         if self.pool_path:
-            return self.pool_path
+            if name == self.pool_name:
+                return self.pool_path
+            # another pool (<Pool>-volumes): beside the configured one, never the same directory
+            # (libvirt refuses two pools on one path)
+            suffix = name.removeprefix(self.pool_name) if name.startswith(self.pool_name) else f"-{name}"
+            return self.pool_path.rstrip("/") + suffix
         try:
             default = conn.storagePoolLookupByName("default")
             path = ET.fromstring(default.XMLDesc(0)).findtext("target/path")
