@@ -80,10 +80,22 @@ class Provider(Protocol):
         """Remove the machine and what was made for it (disks, config drives). Gone is success."""
 
     def list(self, tags: dict[str, str]) -> list[Machine]:
-        """Machines not terminated whose tags include all of ``tags``, any order."""
+        """The members: machines not terminated whose tags include all of ``tags``, any order. A
+        provider may leave out stopped machines too (AWS lists pending and running only, as
+        Infrakit's AWS plugin does); it then offers ``find`` (``FindsById``) for the core to reach them."""
 
     def console_output(self, id: str) -> str:
         """The serial console so far ("" when none can be read). NotFound if gone."""
+
+
+class FindsById(Protocol):
+    """Optional, for a provider whose ``list`` leaves out machines that still exist (stopped ones):
+    the core's Destroy checks a machine's namespace with ``find``, so a stopped machine that no group
+    owns can still be destroyed instead of being taken for another deployment's and left running up
+    a bill."""
+
+    def find(self, id: str) -> Machine | None:
+        """The machine ``id`` in any state but terminated, None when there is none."""
 
 
 # ``output(text)`` with console text as it is written; ``output(None)`` once the console ended.

@@ -708,3 +708,27 @@ def test_mobykit_serve_serves_mobykit_aws_over_infrakit_json_rpc(aws):
         assert desc["ID"] == iid and desc["Tags"] == {GROUP_TAG: "served", "deployment": "t"}
         call(sock, "Instance.Destroy", {"Type": "aws", "Instance": iid, "Context": {"Reason": "terminate"}})
         assert call(sock, "Instance.DescribeInstances", {"Type": "aws", "Tags": {}})["result"]["Descriptions"] == []
+
+
+def test_destroy_in_a_namespace_reaches_a_stopped_instance_that_no_listing_shows(aws):
+    """Listings leave stopped instances out, but Destroy still terminates one of this namespace's
+    (found by id, ``find``), and still leaves another namespace's alone."""
+    p = provider()
+    core = InstanceCore({"default_provider": "aws", "providers": {"aws": {"NamespaceTags": {"ns": "a"}}}},
+                        providers={"aws": p})
+    props = {"RunInstancesInput": {"ImageId": ec2().register_image(Name="base")["ImageId"]}}
+    ours = p.create(MachineSpec(props, {"ns": "a"}))
+    theirs = p.create(MachineSpec(props, {"ns": "b"}))
+    assert {m.id for m in p.list({})} == {ours.id, theirs.id}  # EC2 shows them: no longer "recent"
+    ec2().stop_instances(InstanceIds=[ours.id, theirs.id])
+    assert p.list({"ns": "a"}) == [] and p.find(ours.id).state in ("stopping", "stopped")
+    core.destroy("aws", ours.id)
+    core.destroy("aws", theirs.id)
+
+    def state(iid: str) -> str:
+        return ec2_backend(REGION).get_instance(iid)._state.name
+
+    assert state(ours.id) in ("shutting-down", "terminated")
+    assert state(theirs.id) == "stopped"
+    assert p.find("i-0123456789abcdef0") is None
+    p.close()

@@ -176,6 +176,10 @@ class InstanceCore:
 
     def _find(self, provider, instance: str, namespace: dict[str, str] | None = None):
         namespace = namespace or {}
+        find = getattr(provider, "find", None)  # FindsById: also the machines its listing leaves out
+        if callable(find):
+            m = find(instance)
+            return m if m is not None and m.state != "terminated" and namespace.items() <= m.tags.items() else None
         for m in provider.list(dict(namespace)):
             if m.id == instance and m.state != "terminated" and namespace.items() <= m.tags.items():
                 return m

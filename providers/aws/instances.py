@@ -31,6 +31,7 @@ from mobykit.providers.base import Machine
 # shutting-down/terminated are gone for the SPI.
 LISTED_STATES = ("pending", "running")
 OFF_STATES = ("stopping", "stopped")
+EXISTING_STATES = LISTED_STATES + OFF_STATES  # what Destroy can still act on
 STATE = {"pending": "pending", "running": "running", "stopping": "stopping", "stopped": "stopped",
          "shutting-down": "terminated", "terminated": "terminated"}
 PAGE = 500

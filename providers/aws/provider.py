@@ -211,6 +211,15 @@ class AWSProvider:
                 continue
         raise NotFound(f"aws: no live instance {id!r}")
 
+    def find(self, id: str) -> Machine | None:
+        """The instance ``id`` in any state but terminated (stopped ones too, which ``list`` leaves
+        out), in whichever region looked in holds it; None when none does."""
+        for ec2 in self._ec2s():
+            found = instances.describe(ec2, {}, [id], states=instances.EXISTING_STATES)
+            if found:
+                return found[0]
+        return self.recent.get(id)
+
     def set_tags(self, id: str, tags: dict[str, str]) -> None:
         self._in_regions(id, lambda ec2: instances.set_tags(ec2, id, tags))
         self.recent.retagged(id, {k: v for k, v in tags.items() if not k.startswith("aws:")})

@@ -47,6 +47,12 @@ class Recent:
                 m, at = found
                 self._launched[instance_id] = (replace(m, tags=dict(tags)), at)
 
+    def get(self, instance_id: str) -> Machine | None:
+        """A launch EC2 may not show yet, while it is trusted (Destroy of a just-launched instance)."""
+        with self._lock:
+            found = self._launched.get(instance_id)
+            return found[0] if found is not None and self.clock() - found[1] <= self.trust else None
+
     def gone(self, instance_id: str) -> None:
         with self._lock:
             self._launched.pop(instance_id, None)
