@@ -55,3 +55,4 @@ def test_unknown_group_option_is_named():
     with pytest.raises(InvalidArgument, match="unknown key.*PollIntervall"):
         group_options({"group": {"PollIntervall": 1}})
     assert group_options({"group": {"SelfLogicalID": "mgr-1"}}).self_logical_id == "mgr-1"
+    assert group_options({"group": {"IdlePollInterval": 60}}).idle_poll_interval == 60

@@ -82,7 +82,7 @@ def _optional(module: str, attr: str):
 GROUP_OPTIONS = {
     "PollInterval": "poll_interval", "MaxParallel": "max_parallel", "SelfLogicalID": "self_logical_id",
     "SelfID": "self_id", "BackoffInitial": "backoff_initial", "BackoffMax": "backoff_max",
-    "MaxFailures": "max_failures",
+    "MaxFailures": "max_failures", "IdlePollInterval": "idle_poll_interval",
 }
 
 
