@@ -243,7 +243,9 @@ def test_tags_escape_reversibly_to_gce_label_rules():
 
     from mobykit.providers.gcp import labels
 
-    def fits(key: str) -> bool:  # a key too long once escaped is refused, naming it (below)
+    def fits(key: str) -> bool:  # a key too long once escaped, or mobykit's own, is refused, naming it (below)
+        if key == labels.MANAGED_LABEL:
+            return False
         try:
             labels.label_key(key)
             return True
@@ -260,6 +262,8 @@ def test_tags_escape_reversibly_to_gce_label_rules():
         assert labels.from_labels(lab, items) == tags
 
     check()
+    with pytest.raises(InvalidArgument, match=f"Tags.{labels.MANAGED_LABEL}: reserved by mobykit"):
+        labels.to_labels({labels.MANAGED_LABEL: ""})
     assert labels.metadata_key("infrakit.group") == "infrakit--group"
     assert labels.from_labels({"my_label": "a_zz", "mobykit": "1"}, {}) == {"my_label": "a_zz"}  # not ours
     assert labels.label_key("infrakit.group") == "infrakit_2egroup"
