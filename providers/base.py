@@ -45,6 +45,11 @@ class MachineSpec:
     tags: dict[str, str] = field(default_factory=dict)
     user_data: str = ""
     logical_id: str | None = None
+    # Infrakit's Spec.Attachments as (ID, Type): existing provider volumes to attach (EBS volume
+    # ids, GCE disk names); ``namespace``: the core's NamespaceTags (also in ``tags``), which a
+    # provider puts on what it makes besides the machine (persistent volumes) and lists them by.
+    attachments: list[tuple[str, str]] = field(default_factory=list)
+    namespace: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,3 +119,18 @@ class FollowsConsole(Protocol):
         as it is written, and with None when the console ends (the instance was destroyed).
         Returns the function that stops following; None when this instance's console cannot be
         followed from here (e.g. a remote daemon), NotFound when the instance is gone."""
+
+
+class HasVolumes(Protocol):
+    """Optional, for a provider with persistent volumes (instance property ``Volumes``: a logical
+    id's ``<group>-<lid>-<name>``, kept across replacements). ``mobykit volume ls|rm`` and
+    ``group destroy --volumes`` use it; ``namespace`` is the config's NamespaceTags, which the cloud
+    providers tag their volumes with (libvirt takes no namespace)."""
+
+    def list_volumes(self, namespace: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Each volume as ``{"Name", "SizeGb", "Instance" ("" when detached)}``, by name; a
+        provider may add keys (``Allocated`` bytes, ``Id``, ``Zone``)."""
+
+    def remove_volume(self, name: str, namespace: dict[str, str] | None = None) -> None:
+        """Delete the volume and its data: NotFound when there is none of that name,
+        FailedPrecondition while an instance has it attached."""

@@ -115,7 +115,8 @@ class InstanceCore:
         self._publish_image(provider, props)
         machine = provider.create(
             MachineSpec(properties=props, tags={**spec.tags, **namespace}, user_data=spec.init,
-                        logical_id=spec.logical_id)
+                        logical_id=spec.logical_id, namespace=dict(namespace),
+                        attachments=_attachments(spec.attachments))
         )
         log.info("provisioned %s on %s", machine.id, getattr(provider, "name", "?"))
         return machine.id
@@ -222,3 +223,13 @@ def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
         type(value), "null" if value is None else type(value).__name__
     )
+
+
+def _attachments(given: Any) -> list[tuple[str, str]]:
+    """Infrakit's Spec.Attachments as (ID, Type), each ID a non-empty string."""
+    out = []
+    for i, a in enumerate(given or []):
+        if not isinstance(getattr(a, "id", None), str) or not a.id:
+            raise InvalidArgument(f"Spec.Attachments[{i}].ID: must be a volume id or name")
+        out.append((a.id, a.type if isinstance(a.type, str) else ""))
+    return out

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mobykit.errors import InvalidArgument
+from mobykit.providers import persistent
 
-PROPERTY_KEYS = ("RunInstancesInput", "Tags", "Region", "Image")
+PROPERTY_KEYS = ("RunInstancesInput", "Tags", "Region", "Image", "Volumes")
 CONFIG_KEYS = ("Region", "Import", "Bucket")
 IMPORT_MODES = ("ebs", "s3")
 # RunInstances fields the provider owns: one instance per Provision, tagged at launch, one token
@@ -69,6 +70,7 @@ class InstanceProperties:
     tags: dict[str, str] = field(default_factory=dict)
     region: str | None = None
     image: str | None = None  # a built image id (sha256:...), published as an AMI
+    volumes: list[persistent.Volume] = field(default_factory=list)  # the logical id's EBS volumes
 
     @property
     def explicit_ami(self) -> str | None:
@@ -105,9 +107,10 @@ def parse(properties: Any) -> InstanceProperties:
     image = properties.get("Image")
     if image is not None and (not isinstance(image, str) or not _IMAGE_ID.match(image)):
         raise InvalidArgument(f"Properties.Image: {image!r} is not a built image id (sha256:<64 hex>)")
+    volumes = persistent.parse(properties.get("Volumes"))
     # Image or ImageId is required only to launch (``provider.create``): a group spec is validated
     # before the moby flavor's Prepare has written the Image into it.
-    return InstanceProperties(run=dict(run), tags=dict(tags), region=region, image=image)
+    return InstanceProperties(run=dict(run), tags=dict(tags), region=region, image=image, volumes=volumes)
 
 
 def user_data(init: str, run: dict[str, Any]) -> str | None:

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
-from mobykit.providers.aws import instances
+from mobykit.providers.aws import instances, volumes
 from mobykit.providers.aws.clients import ClientCache, Clients, api
 from mobykit.providers.aws.console import ConsoleReads, Expected
 from mobykit.providers.aws.properties import (
@@ -63,6 +63,7 @@ class AWSProvider:
         self.expected = Expected()  # what each group's next listing shows: its consoles are read meanwhile
         self.recent = Recent()  # launches EC2's eventually consistent listings may not show yet
         self.early_consoles = True  # read those while the listing runs (False: after it; bench comparisons)
+        self.volume_timeout = 600.0  # seconds a launch waits for its volumes (released, running, attached)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -138,7 +139,16 @@ class AWSProvider:
         request.pop("MinCount", None)
         request.pop("MaxCount", None)
         request["ImageId"] = self._ami(props)
-        self._check_zone(ec2, self.clients.region(props.region), (request.get("Placement") or {}).get("AvailabilityZone"))
+        zone = (request.get("Placement") or {}).get("AvailabilityZone")
+        self._check_zone(ec2, self.clients.region(props.region), zone)
+        # Volumes and Attachments: checked (and waited for, when a terminated instance still holds
+        # one) before the launch, which goes to their zone (volumes.py).
+        planned = volumes.plan(ec2, props.volumes, spec.attachments, spec.tags, spec.logical_id,
+                               spec.namespace, zone)
+        if planned:
+            volumes.wait_released(ec2, sorted(planned.found.values()), self.volume_timeout, self._volume_poll())
+            if planned.zone and planned.zone != zone:
+                request["Placement"] = {**(request.get("Placement") or {}), "AvailabilityZone": planned.zone}
         data = user_data(spec.user_data, props.run)
         request.pop("UserData", None)
         if data:
@@ -158,7 +168,41 @@ class AWSProvider:
         made = dataclasses.replace(made, tags={**made.tags, **own})  # as tagged, whatever the answer echoed
         self.recent.launched(made)
         self.expected.launched(made.id, made.tags)
+        if planned:
+            self._attach(ec2, made, planned)
         return made
+
+    def _volume_poll(self) -> float:
+        return min(self.poll, 2.0)
+
+    def _attach(self, ec2: Any, made: Machine, planned: volumes.Planned) -> None:
+        """Make the logical id's missing volumes in the instance's zone and attach them all once it
+        runs; if that fails the instance is terminated (it would run without its data) and the error
+        raised. A volume made here stays: it is the logical id's, and empty."""
+        try:
+            zone = made.properties.get("Placement") or planned.zone
+            if planned.make and not zone:
+                zone = instances.get(ec2, made.id).properties.get("Placement")
+            attached = {**planned.found, **volumes.make(ec2, planned, zone)}
+            volumes.attach(ec2, made.id, attached, self._volume_poll(), self.volume_timeout)
+        except Exception:
+            log.warning("terminating %s: its volumes could not be attached", made.id)
+            self.destroy(made.id)
+            raise
+
+    # -- persistent volumes (HasVolumes) --------------------------------------------------------
+
+    def list_volumes(self, namespace: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The EBS volumes tagged ``mobykit.volume`` (and ``namespace``) in every region looked in."""
+        found = [v for vs in self._each_region(lambda ec2: volumes.listing(ec2, dict(namespace or {}))) for v in vs]
+        return sorted(found, key=lambda v: (v["Name"], v["Id"]))
+
+    def remove_volume(self, name: str, namespace: dict[str, str] | None = None) -> None:
+        """Delete the EBS volume tagged ``mobykit.volume=name``: NotFound when none, FailedPrecondition
+        while attached."""
+        removed = [volumes.remove(ec2, name, dict(namespace or {})) for ec2 in self._ec2s()]
+        if not any(removed):
+            raise NotFound(f"volume {name!r}: no EBS volume tagged {volumes.VOLUME_TAG}={name}")
 
     def _check_zone(self, ec2: Any, region: str, zone: str | None) -> None:
         """An unknown ``Placement.AvailabilityZone`` is named before RunInstances (whose own error

@@ -1,0 +1,150 @@
+"""Persistent volumes (``Volumes``) and Infrakit ``Attachments`` on the clouds, against the local
+servers: moto in server mode (EBS) and the fake Compute API (persistent disks). A logical id's
+volume is found by tag/label, attached, and kept when its instance is replaced: the replacement
+gets the same volume, with nothing deleted; bad input names the key and creates nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import boto3
+import pytest
+
+from harness.moto_server import MotoServer, aws_env, extend_moto
+from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
+from mobykit.providers.aws import AWSProvider
+from mobykit.providers.base import MachineSpec
+
+REGION = "us-east-1"
+GROUP = "infrakit.group"
+NS = {"deployment": "test"}
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer()
+    server.start()
+    try:
+        with extend_moto():
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws(moto: MotoServer) -> Iterator[AWSProvider]:
+    moto.reset()
+    with aws_env(moto.url, REGION):
+        p = AWSProvider({})
+        p.poll = 0.05
+        try:
+            yield p
+        finally:
+            p.close()
+            moto.reset()
+
+
+def ec2():
+    return boto3.client("ec2")
+
+
+def ami() -> str:
+    return "ami-12c6146b"  # one of moto's default AMIs (moto checks the id)
+
+
+def props(**extra) -> dict:
+    return {"RunInstancesInput": {"ImageId": ami(), "InstanceType": "t3.micro"},
+            "Volumes": [{"Name": "data", "SizeGb": 2}], **extra}
+
+
+def spec(p: dict, lid: str = "db1", attachments=()) -> MachineSpec:
+    return MachineSpec(p, {GROUP: "db", **NS}, logical_id=lid, namespace=dict(NS), attachments=list(attachments))
+
+
+def ours() -> list[dict]:
+    return ec2().describe_volumes(Filters=[{"Name": "tag-key", "Values": ["mobykit.volume"]}])["Volumes"]
+
+
+def attached(instance_id: str) -> dict[str, str]:
+    """device -> volume id of what EC2 shows attached to the instance (root volume left out)."""
+    r = ec2().describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+    return {b["DeviceName"]: b["Ebs"]["VolumeId"] for b in r.get("BlockDeviceMappings", [])
+            if b["DeviceName"] != "/dev/sda1"}
+
+
+def test_aws_volume_is_made_tagged_attached_and_kept_across_replacement(aws):
+    p = props(Volumes=[{"Name": "data", "SizeGb": 2}, {"Name": "logs", "SizeGb": 1}])
+    first = aws.create(spec(p))
+    [data, logs] = sorted(ours(), key=lambda v: v["Size"], reverse=True)
+    tags = {t["Key"]: t["Value"] for t in data["Tags"]}
+    assert tags == {"mobykit.volume": "db-db1-data", GROUP: "db", "mobykit.logical_id": "db1", **NS}
+    assert data["VolumeType"] == "gp3" and data["Size"] == 2 and logs["Size"] == 1
+    zone = first.properties["Placement"]
+    assert data["AvailabilityZone"] == zone
+    assert attached(first.id) == {"/dev/sdf": data["VolumeId"], "/dev/sdg": logs["VolumeId"]}
+    r = ec2().describe_instances(InstanceIds=[first.id])["Reservations"][0]["Instances"][0]
+    assert [b["Ebs"]["DeleteOnTermination"] for b in r["BlockDeviceMappings"] if b["DeviceName"] != "/dev/sda1"] \
+        == [False, False]
+
+    # a second instance for the same logical id while the first runs: refused, nothing launched
+    with pytest.raises(FailedPrecondition, match=f"still attached to instance {first.id}"):
+        aws.create(spec(p))
+    assert [m.id for m in aws.list({GROUP: "db"})] == [first.id]
+
+    # a roll: the old instance goes, the replacement takes over the same volumes in their zone
+    aws.destroy(first.id)
+    second = aws.create(spec(p))
+    assert second.id != first.id and second.properties["Placement"] == zone
+    assert attached(second.id) == {"/dev/sdf": data["VolumeId"], "/dev/sdg": logs["VolumeId"]}
+    assert len(ours()) == 2  # nothing made twice, nothing deleted
+
+    # another logical id owns its own volume
+    other = aws.create(spec(p, lid="db2"))
+    assert len(ours()) == 4 and attached(other.id)["/dev/sdf"] not in (data["VolumeId"], logs["VolumeId"])
+
+    listed = aws.list_volumes(NS)
+    assert [(v["Name"], v["SizeGb"], v["Instance"]) for v in listed][:2] == [
+        ("db-db1-data", 2, second.id), ("db-db1-logs", 1, second.id)]
+    assert aws.list_volumes({"deployment": "other"}) == []
+    with pytest.raises(FailedPrecondition, match="attached to instance"):
+        aws.remove_volume("db-db1-data", NS)
+    aws.destroy(second.id)
+    aws.destroy(other.id)
+    aws.remove_volume("db-db1-data", NS)
+    with pytest.raises(NotFound, match="db-db1-data"):
+        aws.remove_volume("db-db1-data", NS)
+    assert sorted(v["Name"] for v in aws.list_volumes(NS)) == ["db-db1-logs", "db-db2-data", "db-db2-logs"]
+
+
+def test_aws_attachment_id_names_an_existing_volume(aws):
+    vol = ec2().create_volume(AvailabilityZone="us-east-1c", Size=3)["VolumeId"]
+    p = {"RunInstancesInput": {"ImageId": ami()}}
+    m = aws.create(MachineSpec(p, {GROUP: "g"}, attachments=[(vol, "ebs")]))
+    assert m.properties["Placement"] == "us-east-1c"  # launched where the volume is
+    assert attached(m.id) == {"/dev/sdf": vol}
+    aws.destroy(m.id)
+    assert ec2().describe_volumes(VolumeIds=[vol])["Volumes"][0]["State"] == "available"  # kept
+
+
+@pytest.mark.parametrize("properties, attachments, names", [
+    ({"Volumes": [{"Name": "data", "SizeGB": 1}]}, [], "Properties.Volumes[0].SizeGB: unknown key"),
+    ({"Volumes": [{"Name": "Data", "SizeGb": 1}]}, [], "Properties.Volumes[0].Name"),
+    ({"Volumes": [{"Name": "data", "SizeGb": 0}]}, [], "Properties.Volumes[0].SizeGb"),
+    ({"Volumes": {"Name": "data"}}, [], "Properties.Volumes: must be a list"),
+    ({}, [("vol-0123456789abcdef0", "ebs")], "Spec.Attachments[0].ID: no EBS volume"),
+    ({}, [("disk-1", "ebs")], "Spec.Attachments[0].ID: 'disk-1' is not an EBS volume id"),
+    ({}, [("vol-0123456789abcdef0", "nfs")], "Spec.Attachments[0].Type"),
+])
+def test_aws_bad_volume_input_names_the_key_and_creates_nothing(aws, properties, attachments, names):
+    p = {"RunInstancesInput": {"ImageId": ami()}, **properties}
+    with pytest.raises(InvalidArgument) as e:
+        aws.validate(p)
+        aws.create(MachineSpec(p, {GROUP: "g"}, logical_id="a", attachments=attachments))
+    assert names in str(e.value)
+    assert aws.list({GROUP: "g"}) == [] and ours() == []
+
+
+def test_aws_volumes_without_a_logical_id_are_refused(aws):
+    with pytest.raises(InvalidArgument, match="Properties.Volumes: volumes belong to a logical id"):
+        aws.create(MachineSpec(props(), {GROUP: "g"}))
+    assert aws.list({GROUP: "g"}) == [] and ours() == []
