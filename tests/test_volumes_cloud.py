@@ -148,3 +148,115 @@ def test_aws_volumes_without_a_logical_id_are_refused(aws):
     with pytest.raises(InvalidArgument, match="Properties.Volumes: volumes belong to a logical id"):
         aws.create(MachineSpec(props(), {GROUP: "g"}))
     assert aws.list({GROUP: "g"}) == [] and ours() == []
+
+
+# -- GCP: persistent disks on the fake Compute API ------------------------------------------------
+
+
+@pytest.fixture
+def gce(monkeypatch) -> Iterator[tuple]:
+    """The fake Compute API with one READY source image, and a provider on it (no credentials)."""
+    pytest.importorskip("google.cloud.compute_v1")
+    from gce_fake.common import PROJECT, ZONE
+    from gce_fake.server import FakeCompute, running
+    from gce_fake.state import BASE
+
+    from mobykit.providers.gcp import GCPProvider
+
+    for var in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "MOBYKIT_GCP_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    with running(FakeCompute()) as fake:
+        link = f"{BASE}/projects/{PROJECT}/global/images/base"
+        fake.world.images[(PROJECT, "base")] = {"name": "base", "status": "READY", "description": "",
+                                                "selfLink": link, "labels": {}}
+        p = GCPProvider({"Project": PROJECT, "Zone": ZONE, "Endpoint": fake.endpoint})
+        try:
+            yield fake, p, f"projects/{PROJECT}/global/images/base"
+        finally:
+            p.close()
+
+
+def gce_disks(fake) -> dict[str, dict]:
+    with fake.world.lock:
+        return {k[2]: dict(v) for k, v in fake.world.disks.items()}
+
+
+def gce_attached(fake, name: str) -> dict[str, str]:
+    """deviceName -> disk name of an instance's non-boot disks, as the fake holds them."""
+    with fake.world.lock:
+        inst = next(v for k, v in fake.world.instances.items() if k[2] == name)
+        return {d["deviceName"]: d["source"].rsplit("/", 1)[-1] for d in inst["disks"] if not d["boot"]}
+
+
+def test_gcp_disk_is_made_labelled_attached_at_insert_and_kept_across_replacement(gce):
+    fake, p, image = gce
+    props = {"Image": image, "Volumes": [{"Name": "data", "SizeGb": 3}]}
+    first = p.create(spec(props, lid="Db.1"))  # not a GCE name: the disk name is escaped
+    [(name, disk)] = gce_disks(fake).items()
+    assert name.startswith("db-db-1-data-") and disk["sizeGb"] == "3" and disk["type"].endswith("/pd-balanced")
+    from mobykit.providers.gcp.labels import label_value
+
+    assert disk["labels"]["mobykit_2evolume"] == label_value("db-Db.1-data") and disk["labels"]["deployment"] == "test"
+    assert disk["description"] == "db-Db.1-data" and [u.rsplit("/", 1)[-1] for u in disk["users"]] == [first.id]
+    assert gce_attached(fake, first.id) == {"data": name}
+    with fake.world.lock:
+        inst = next(v for k, v in fake.world.instances.items() if k[2] == first.id)
+    assert [d["autoDelete"] for d in inst["disks"] if not d["boot"]] == [False]
+
+    with pytest.raises(FailedPrecondition, match=f"still attached to instance {first.id}"):
+        p.create(spec(props, lid="Db.1"))
+    p.destroy(first.id)
+    assert list(gce_disks(fake)) == [name] and "users" not in gce_disks(fake)[name]  # kept, released
+    second = p.create(spec(props, lid="Db.1"))
+    assert gce_attached(fake, second.id) == {"data": name} and len(gce_disks(fake)) == 1
+    assert fake.world.counts["disks.insert"] == 1
+
+    [listed] = p.list_volumes(NS)
+    assert (listed["Name"], listed["SizeGb"], listed["Instance"]) == ("db-Db.1-data", 3, second.id)
+    assert p.list_volumes({"deployment": "other"}) == []
+    with pytest.raises(FailedPrecondition, match="attached to instance"):
+        p.remove_volume("db-Db.1-data", NS)
+    p.destroy(second.id)
+    p.remove_volume("db-Db.1-data", NS)
+    assert gce_disks(fake) == {}
+    with pytest.raises(NotFound):
+        p.remove_volume("db-Db.1-data", NS)
+
+
+def test_gcp_attachment_names_an_existing_disk(gce):
+    from gce_fake import disks
+    from gce_fake.common import PROJECT, ZONE
+
+    fake, p, image = gce
+    with fake.world.lock:
+        op = disks.insert(fake.world, PROJECT, ZONE, {"name": "shared", "sizeGb": "5"}, None)
+        fake.world.poll(op["name"])
+        fake.world.poll(op["name"])
+    m = p.create(MachineSpec({"Image": image}, {GROUP: "g"}, attachments=[("shared", "disk")]))
+    assert gce_attached(fake, m.id) == {"shared": "shared"}
+    p.destroy(m.id)
+    assert "shared" in gce_disks(fake)
+
+
+@pytest.mark.parametrize("properties, attachments, names", [
+    ({"Volumes": [{"Name": "data", "Size": 1}]}, [], "Properties.Volumes[0].Size: unknown key"),
+    ({"Volumes": [{"Name": "data", "SizeGb": "1"}]}, [], "Properties.Volumes[0].SizeGb"),
+    ({}, [("nosuch", "disk")], "Spec.Attachments[0].ID: no disk 'nosuch'"),
+    ({}, [("Bad_Name", "")], "Spec.Attachments[0].ID: 'Bad_Name' is not a GCE disk name"),
+    ({}, [("shared", "nfs")], "Spec.Attachments[0].Type"),
+])
+def test_gcp_bad_volume_input_names_the_key_and_creates_nothing(gce, properties, attachments, names):
+    fake, p, image = gce
+    with pytest.raises(InvalidArgument) as e:
+        p.create(MachineSpec({"Image": image, **properties}, {GROUP: "g"}, logical_id="a",
+                             attachments=attachments))
+    assert names in str(e.value)
+    assert fake.world.instances == {} and fake.world.disks == {}
+
+
+def test_gcp_volumes_without_a_logical_id_are_refused(gce):
+    fake, p, image = gce
+    with pytest.raises(InvalidArgument, match="Properties.Volumes: volumes belong to a logical id"):
+        p.create(MachineSpec({"Image": image, "Volumes": [{"Name": "data", "SizeGb": 1}]}, {GROUP: "g"}))
+    assert fake.world.instances == {} and fake.world.disks == {}

@@ -92,6 +92,7 @@ class Compute:
     zones: Any
     zone_operations: Any
     global_operations: Any
+    disks: Any = None
 
     @classmethod
     def connect(cls, endpoint: str | None, creds: Any) -> Compute:
@@ -101,7 +102,7 @@ class Compute:
         kw = {"credentials": creds, "transport": "rest", "client_options": options}
         return cls(instances=compute_v1.InstancesClient(**kw), images=compute_v1.ImagesClient(**kw),
                    zones=compute_v1.ZonesClient(**kw), zone_operations=compute_v1.ZoneOperationsClient(**kw),
-                   global_operations=compute_v1.GlobalOperationsClient(**kw))
+                   global_operations=compute_v1.GlobalOperationsClient(**kw), disks=compute_v1.DisksClient(**kw))
 
     # -- calls --------------------------------------------------------------------------------------
 

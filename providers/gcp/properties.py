@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mobykit.errors import InvalidArgument
+from mobykit.providers import persistent
 
 ENV_ENDPOINT = "MOBYKIT_GCP_ENDPOINT"
 CONFIG_KEYS = ("Project", "Zone", "Zones", "Bucket", "Endpoint")
@@ -46,6 +47,7 @@ PROPERTY_TYPES: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "DiskImage": (str, None),
     "AutoDeleteDisk": (bool, None),
     "Connect": (bool, False),  # the interactive serial console (metadata serial-port-enable)
+    "Volumes": (list, []),  # a logical id's persistent disks (volumes.py)
 }
 LEGACY_DISK_KEYS = ("DiskSizeMb", "DiskType", "AutoDeleteDisk")
 
@@ -76,6 +78,7 @@ class InstanceProperties:
     disks: list[Disk]
     image: str | None
     connect: bool = False
+    volumes: list[persistent.Volume] = field(default_factory=list)
 
 
 @dataclass
@@ -177,7 +180,8 @@ def parse(properties: Any) -> InstanceProperties:
         project=values["Project"], zone=values["Zone"], name_prefix=prefix, machine_type=values["MachineType"],
         network=values["Network"], subnetwork=values["Subnetwork"], private_ip=values["PrivateIP"],
         tags=list(values["Tags"]), scopes=list(values["Scopes"]), preemptible=values["Preemptible"],
-        description=values["Description"], disks=disks, image=image, connect=values["Connect"])
+        description=values["Description"], disks=disks, image=image, connect=values["Connect"],
+        volumes=persistent.parse(properties.get("Volumes")))
 
 
 def instance_name(prefix: str, logical_id: str | None, suffix: str) -> str:

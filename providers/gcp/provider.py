@@ -17,6 +17,7 @@ from google.api_core import retry as gretry
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from mobykit.providers.base import BootImage, Machine, MachineSpec
 from mobykit.providers.gcp import properties as gprops
+from mobykit.providers.gcp import volumes
 from mobykit.providers.gcp.api import Compute, credentials
 from mobykit.providers.gcp.instances import ConsoleReader, insert_body, machine, metadata_items
 from mobykit.providers.gcp.labels import (
@@ -64,6 +65,7 @@ class GCPProvider:
         self._publishers: dict[str, Publisher] = {}
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="gcp-zones")
         self.console = ConsoleReader(self._fetch_console)
+        self.volume_timeout = 600.0  # seconds a create waits for a deleted instance to release its disks
 
     def close(self) -> None:
         self.console.close()
@@ -159,8 +161,13 @@ class GCPProvider:
         compute = self.compute()
         source = self._source_image(project, props.image)
         name = gprops.instance_name(props.name_prefix, spec.logical_id, _suffix())
+        # Volumes and Attachments: checked, made when missing, released by a deleted predecessor
+        # (volumes.py); then attached by the insert itself.
+        planned = volumes.plan(compute, project, zone, props.volumes, spec.attachments, spec.tags, spec.logical_id,
+                               spec.namespace, self.volume_timeout)
         body = insert_body(props, project=project, zone=zone, name=name, source_image=source, tags=spec.tags,
                            user_data=spec.user_data, logical_id=spec.logical_id)
+        body["disks"].extend(planned.body())
         with self._lock:
             self._zones_used.add(zone)
             self._creating.add(name)
@@ -186,6 +193,20 @@ class GCPProvider:
         with self._lock:
             self._zone_of[name] = zone
         return machine(inst, zone)
+
+    # -- persistent volumes (HasVolumes) ------------------------------------------------------------
+
+    def list_volumes(self, namespace: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The disks labelled ``mobykit-volume`` (and ``namespace``) in every zone looked in."""
+        project, compute = self.project(), self.compute()
+        found = self._pool.map(lambda z: volumes.listing(compute, project, z, dict(namespace or {})), self.zones())
+        return sorted((v for vs in found for v in vs), key=lambda v: (v["Name"], v["Zone"]))
+
+    def remove_volume(self, name: str, namespace: dict[str, str] | None = None) -> None:
+        """Delete the volume ``name``: NotFound when none, FailedPrecondition while attached."""
+        project, compute = self.project(), self.compute()
+        if not any([volumes.remove(compute, project, z, name, dict(namespace or {})) for z in self.zones()]):
+            raise NotFound(f"volume {name!r}: no disk labelled as that volume in {', '.join(self.zones())}")
 
     def _locate(self, name: str, fresh: bool = False) -> tuple[str, str] | None:
         """(project, zone) of instance ``name``, or None when no zone has it. The zone a create or a

@@ -2,7 +2,8 @@
 
 Routes (under ``/compute/v1/projects/{project}``): ``zones/{zone}``; ``zones/{zone}/instances``
 (list, insert), ``.../instances/{name}`` (get, delete), ``.../setLabels``, ``.../setMetadata``,
-``.../serialPort``; ``zones/{zone}/operations/{op}`` and ``.../wait``; ``global/images`` (list,
+``.../serialPort``; ``zones/{zone}/disks`` (list, insert), ``.../disks/{name}`` (get, delete;
+``disks.py``); ``zones/{zone}/operations/{op}`` and ``.../wait``; ``global/images`` (list,
 insert), ``global/images/{name}`` (get, delete); ``global/operations/{op}`` and ``.../wait``.
 Lists take ``filter`` (``filters.py``), ``maxResults`` (default and maximum 500) and ``pageToken``.
 
@@ -27,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from gce_fake import disks
 from gce_fake.filters import FilterError, parse
 from gce_fake.state import ApiError, World
 
@@ -42,6 +44,10 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
         ("GET", r"zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)/serialPort", "instances.getSerialPortOutput"),
         ("GET", r"zones/(?P<zone>[^/]+)/operations/(?P<op>[^/]+)", "zoneOperations.get"),
         ("POST", r"zones/(?P<zone>[^/]+)/operations/(?P<op>[^/]+)/wait", "zoneOperations.wait"),
+        ("GET", r"zones/(?P<zone>[^/]+)/disks", "disks.list"),
+        ("POST", r"zones/(?P<zone>[^/]+)/disks", "disks.insert"),
+        ("GET", r"zones/(?P<zone>[^/]+)/disks/(?P<name>[^/]+)", "disks.get"),
+        ("DELETE", r"zones/(?P<zone>[^/]+)/disks/(?P<name>[^/]+)", "disks.delete"),
         ("GET", r"global/images", "images.list"),
         ("POST", r"global/images", "images.insert"),
         ("GET", r"global/images/(?P<name>[^/]+)", "images.get"),
@@ -51,7 +57,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ]
 ]
 MUTATIONS = {"instances.insert", "instances.delete", "instances.setLabels", "instances.setMetadata",
-             "images.insert", "images.delete"}
+             "images.insert", "images.delete", "disks.insert", "disks.delete"}
 FAULTS = ((429, "rateLimitExceeded", "Rate Limit Exceeded"), (500, "backendError", "Internal error"),
           (503, "backendError", "The service is currently unavailable."))
 MAX_RESULTS = 500
@@ -188,6 +194,16 @@ class FakeCompute:
                 return w.poll(p["op"])
             if route in ("globalOperations.get", "globalOperations.wait"):
                 return w.poll(p["op"])
+            if route == "disks.list":
+                self.filters.append(q.get("filter", ""))
+                return self._page("compute#diskList", disks.list_disks(w, project, p["zone"]), q,
+                                  f"projects/{project}/zones/{p['zone']}/disks")
+            if route == "disks.insert":
+                return disks.insert(w, project, p["zone"], body, rid)
+            if route == "disks.get":
+                return disks.get(w, project, p["zone"], p["name"])
+            if route == "disks.delete":
+                return disks.delete(w, project, p["zone"], p["name"], rid)
             if route == "images.list":
                 return self._page("compute#imageList", w.list_images(project), q, f"projects/{project}/global/images")
             if route == "images.insert":

@@ -72,6 +72,7 @@ class World:
     storage_exists: Any = None  # callable(bucket, object) -> bool, or None: do not check
     instances: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     images: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    disks: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # disks.py
     operations: dict[str, Operation] = field(default_factory=dict)
     requests: dict[str, str] = field(default_factory=dict)  # requestId -> operation name
     serial: dict[tuple[str, str, str], str] = field(default_factory=dict)
@@ -217,17 +218,32 @@ class World:
             raise ApiError(409, "alreadyExists", f"The resource 'projects/{project}/zones/{zone}/instances/{name}' "
                                                  "already exists")
         link = f"{BASE}/projects/{project}/zones/{zone}/instances/{quote(name)}"
+        from gce_fake import disks as zonal_disks  # disks.py builds on this module
+
+        given = body.get("disks") or []
+        for commit in (False, True):  # every existing disk checked before any is attached
+            for d in given:
+                if d.get("source"):
+                    zonal_disks.attach(self, project, zone, link, d["source"], d.get("mode", "READ_WRITE"), commit)
+
+        def attached(i: int, d: dict[str, Any]) -> dict[str, Any]:
+            if d.get("source"):
+                disk = zonal_disks.attach(self, project, zone, link, d["source"], "READ_ONLY", commit=False)
+                return {"source": disk["selfLink"], "deviceName": d.get("deviceName") or disk["name"],
+                        "diskSizeGb": disk["sizeGb"]}
+            return {"source": f"{BASE}/projects/{project}/zones/{zone}/disks/{name}-{i}",
+                    "deviceName": d.get("deviceName") or f"persistent-disk-{i}",
+                    "diskSizeGb": str((d.get("initializeParams") or {}).get("diskSizeGb", "10"))}
+
         inst = {"kind": "compute#instance", "id": str(next(self._ids)), "creationTimestamp": now_rfc3339(),
                 "name": name, "description": body.get("description", ""), "machineType": machine,
                 "status": "PROVISIONING", "zone": f"{BASE}/projects/{project}/zones/{zone}",
                 "networkInterfaces": [{**nic, "name": f"nic{i}", "networkIP": f"10.128.0.{len(self.instances) % 250 + 2}"}
                                       for i, nic in enumerate(body.get("networkInterfaces") or [])],
-                "disks": [{"kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": "READ_WRITE",
-                           "source": f"{BASE}/projects/{project}/zones/{zone}/disks/{name}-{i}",
-                           "deviceName": f"persistent-disk-{i}", "index": i, "boot": bool(d.get("boot")),
-                           "autoDelete": bool(d.get("autoDelete")),
-                           "diskSizeGb": str((d.get("initializeParams") or {}).get("diskSizeGb", "10"))}
-                          for i, d in enumerate(body.get("disks") or [])],
+                "disks": [{"kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": d.get("mode", "READ_WRITE"),
+                           "index": i, "boot": bool(d.get("boot")), "autoDelete": bool(d.get("autoDelete")),
+                           **attached(i, d)}
+                          for i, d in enumerate(given)],
                 "metadata": {"kind": "compute#metadata", "fingerprint": uuid.uuid4().hex[:12], "items": items},
                 "tags": {"items": list((body.get("tags") or {}).get("items") or []), "fingerprint": "42WmSpB8rSM="},
                 "serviceAccounts": body.get("serviceAccounts") or [],
@@ -262,6 +278,9 @@ class World:
             if self.instances.get((project, zone, name)) is inst:
                 del self.instances[(project, zone, name)]
                 self.serial.pop((project, zone, name), None)
+                from gce_fake import disks as zonal_disks
+
+                zonal_disks.release(self, inst["selfLink"], inst["disks"])
 
         return self._operation(project, zone, "delete", inst["selfLink"], request_id, None, gone)
 
