@@ -260,3 +260,60 @@ def test_gcp_volumes_without_a_logical_id_are_refused(gce):
     with pytest.raises(InvalidArgument, match="Properties.Volumes: volumes belong to a logical id"):
         p.create(MachineSpec({"Image": image, "Volumes": [{"Name": "data", "SizeGb": 1}]}, {GROUP: "g"}))
     assert fake.world.instances == {} and fake.world.disks == {}
+
+
+# -- the CLI: volume ls/rm on a cloud provider, group destroy --volumes ---------------------------
+
+
+def test_group_destroy_volumes_removes_what_its_logical_ids_own(aws, tmp_path, capsys):
+    """A logical-ID group on AWS through the real group controller and gRPC server: its members
+    get their volumes; ``volume ls --provider aws`` lists them; ``group destroy --volumes``
+    destroys the group and then its volumes, and only its own."""
+    import time
+
+    import yaml
+
+    from harness.mobykit_server import grpc_server, memory_plugins
+    from mobykit.cli.main import main
+    from mobykit.core.instance import InstanceCore
+    from mobykit.flavor.vanilla import VanillaFlavor
+    from mobykit.group.controller import Options
+    from mobykit.group.plugin import GroupPluginImpl
+    from mobykit.spi.group import GroupSpec
+
+    config = {"default_provider": "aws", "providers": {"aws": {"NamespaceTags": NS}}}
+    cfg_file = tmp_path / "serve.yml"
+    cfg_file.write_text(yaml.safe_dump(config))
+    core = InstanceCore(config, providers={"aws": aws})
+    flavor = VanillaFlavor()
+    plugin = GroupPluginImpl(lambda name: core, lambda name: flavor, options=Options(poll_interval=0.05))
+    # someone else's volume of the same owner names in another namespace: never touched
+    ec2().create_volume(AvailabilityZone="us-east-1a", Size=1, TagSpecifications=[{"ResourceType": "volume", "Tags": [
+        {"Key": "mobykit.volume", "Value": "db-m1-data"}, {"Key": "deployment", "Value": "other"}]}])
+    try:
+        with grpc_server(memory_plugins(aws, name="aws", config=config, group=plugin)) as (_, bound, _tmp):
+            plugin.commit_group(GroupSpec("db", {
+                "Allocation": {"LogicalIDs": ["m1", "m2"]},
+                "Instance": {"Plugin": "mobykit/aws", "Properties": {
+                    "RunInstancesInput": {"ImageId": ami()}, "Volumes": [{"Name": "data", "SizeGb": 1}]}},
+                "Flavor": {"Plugin": "vanilla", "Properties": {}}}), False)
+            deadline = time.monotonic() + 60  # a liveness bound, not a speed assertion
+            while len([v for v in aws.list_volumes(NS) if v["Instance"]]) < 2:
+                assert time.monotonic() < deadline, "the group's members never got their volumes"
+                time.sleep(0.05)
+
+            capsys.readouterr()
+            assert main(["volume", "ls", "--config", str(cfg_file)]) == 0
+            rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+            assert [(r[0], r[1]) for r in rows] == [("db-m1-data", "1G"), ("db-m2-data", "1G")]
+            assert all(r[3].startswith("i-") for r in rows)
+
+            assert main(["group", "--server", bound[0], "destroy", "--volumes", "--config", str(cfg_file), "db"]) == 0
+            out = capsys.readouterr().out
+            assert "group db destroyed" in out and "volume db-m1-data removed" in out and "volume db-m2-data removed" in out
+            assert aws.list_volumes(NS) == [] and aws.list({GROUP: "db"}) == []
+            assert [v["Name"] for v in aws.list_volumes({"deployment": "other"})] == ["db-m1-data"]
+            assert main(["volume", "rm", "--provider", "aws", "--config", str(cfg_file), "db-m1-data"]) \
+                == NotFound.exit_code
+    finally:
+        plugin.close()

@@ -49,6 +49,12 @@ def register(subparsers) -> None:
 
     x = sub.add_parser("destroy", help="stop managing a group and destroy its instances")
     x.add_argument("id")
+    x.add_argument("--volumes", action="store_true",
+                   help="then delete the persistent volumes its logical ids own, and their data")
+    x.add_argument("--config", metavar="FILE", help="with --volumes: the serve config whose provider settings "
+                   "reach the volumes (default $MOBYKIT_CONFIG)")
+    x.add_argument("--volume-timeout", type=float, default=300.0,
+                   help="with --volumes: seconds to wait for the instances to release them")
     x.set_defaults(func=cmd_destroy)
 
     di = sub.add_parser("destroy-instances", help="destroy these members and shrink the group by as many")
@@ -247,8 +253,27 @@ def cmd_free(args) -> int:
 
 
 def cmd_destroy(args) -> int:
-    _group(args).destroy_group(args.id)
+    """With ``--volumes`` the group's spec is read first (which volumes it owns, on which provider),
+    the group destroyed, then each volume removed once its instance has released it."""
+    group = _group(args)
+    owned = None
+    if args.volumes:
+        from mobykit.cli.volume import group_volumes
+        from mobykit.core import config as cfg
+        from mobykit.errors import NotFound
+
+        config = cfg.load(args.config)
+        spec = next((s for s in group.inspect_groups() if s.id == args.id), None)
+        if spec is None:
+            raise NotFound(f"group {args.id!r} not found (nothing destroyed)")
+        owned = group_volumes(args.id, spec.properties, config)
+    group.destroy_group(args.id)
     print(f"group {args.id} destroyed")
+    if owned is not None:
+        from mobykit.cli.volume import remove_volumes
+
+        for name in remove_volumes(config, *owned, timeout=args.volume_timeout):
+            print(f"volume {name} removed")
     return 0
 
 
