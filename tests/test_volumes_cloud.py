@@ -116,6 +116,37 @@ def test_aws_volume_is_made_tagged_attached_and_kept_across_replacement(aws):
     assert sorted(v["Name"] for v in aws.list_volumes(NS)) == ["db-db1-logs", "db-db2-data", "db-db2-logs"]
 
 
+def test_aws_replacement_waits_until_a_terminating_instance_releases_the_volume(aws):
+    """EC2 keeps a volume attached while its instance shuts down (moto detaches at once: here the
+    old instance is put in shutting-down with the volume still attached, and released later)."""
+    import threading
+    import time
+
+    from harness.moto_server import ec2_backend
+
+    p = props()
+    first = aws.create(spec(p))
+    [vol] = ours()
+    backend = ec2_backend(REGION)
+    inst = backend.get_instance(first.id)
+    inst._state.name, inst._state.code = "shutting-down", 32
+    released = threading.Event()
+
+    def release() -> None:
+        time.sleep(0.3)
+        backend.detach_volume(vol["VolumeId"], first.id, "/dev/sdf")
+        inst._state.name, inst._state.code = "terminated", 48
+        released.set()
+
+    t = threading.Thread(target=release)
+    t.start()
+    try:
+        second = aws.create(spec(p))
+    finally:
+        t.join()
+    assert released.is_set() and attached(second.id) == {"/dev/sdf": vol["VolumeId"]}
+
+
 def test_aws_attachment_id_names_an_existing_volume(aws):
     vol = ec2().create_volume(AvailabilityZone="us-east-1c", Size=3)["VolumeId"]
     p = {"RunInstancesInput": {"ImageId": ami()}}
@@ -301,6 +332,23 @@ def test_group_destroy_volumes_removes_what_its_logical_ids_own(aws, tmp_path, c
             while len([v for v in aws.list_volumes(NS) if v["Instance"]]) < 2:
                 assert time.monotonic() < deadline, "the group's members never got their volumes"
                 time.sleep(0.05)
+
+            ids = {v["Name"]: (v["Id"], v["Instance"]) for v in aws.list_volumes(NS)}
+
+            # a rolling update replaces each member; the replacement gets its logical id's volume
+            plugin.commit_group(GroupSpec("db", {
+                "Allocation": {"LogicalIDs": ["m1", "m2"]},
+                "Instance": {"Plugin": "mobykit/aws", "Properties": {
+                    "RunInstancesInput": {"ImageId": ami(), "InstanceType": "t3.small"},
+                    "Volumes": [{"Name": "data", "SizeGb": 1}]}},
+                "Flavor": {"Plugin": "vanilla", "Properties": {}}}), False)
+            while True:
+                now = {v["Name"]: (v["Id"], v["Instance"]) for v in aws.list_volumes(NS)}
+                if all(now[n][1] and now[n][1] != ids[n][1] for n in ids) and plugin.describe_group("db").converged:
+                    break
+                assert time.monotonic() < deadline + 60, "the roll did not finish"
+                time.sleep(0.05)
+            assert {n: v[0] for n, v in now.items()} == {n: v[0] for n, v in ids.items()}  # same volumes
 
             capsys.readouterr()
             assert main(["volume", "ls", "--config", str(cfg_file)]) == 0
