@@ -5,6 +5,7 @@ gets the same volume, with nothing deleted; bad input names the key and creates 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import boto3
@@ -44,8 +45,15 @@ def aws(moto: MotoServer) -> Iterator[AWSProvider]:
             moto.reset()
 
 
+_CLIENTS: dict[str, object] = {}
+
+
 def ec2():
-    return boto3.client("ec2")
+    """One boto3 client per moto server (making one loads EC2's model: a second or so under load)."""
+    url = os.environ["AWS_ENDPOINT_URL"]
+    if url not in _CLIENTS:
+        _CLIENTS[url] = boto3.client("ec2")
+    return _CLIENTS[url]
 
 
 def ami() -> str:
@@ -184,28 +192,37 @@ def test_aws_volumes_without_a_logical_id_are_refused(aws):
 # -- GCP: persistent disks on the fake Compute API ------------------------------------------------
 
 
-@pytest.fixture
-def gce(monkeypatch) -> Iterator[tuple]:
-    """The fake Compute API with one READY source image, and a provider on it (no credentials)."""
+@pytest.fixture(scope="module")
+def gce_server() -> Iterator:
     pytest.importorskip("google.cloud.compute_v1")
-    from gce_fake.common import PROJECT, ZONE
     from gce_fake.server import FakeCompute, running
-    from gce_fake.state import BASE
+
+    with running(FakeCompute()) as fake:
+        yield fake
+
+
+@pytest.fixture
+def gce(gce_server, monkeypatch) -> Iterator[tuple]:
+    """The fake Compute API (a fresh World) with one READY source image, and a provider on it
+    (no credentials)."""
+    from gce_fake.common import PROJECT, ZONE
+    from gce_fake.state import BASE, World
 
     from mobykit.providers.gcp import GCPProvider
 
     for var in ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "MOBYKIT_GCP_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_GCE_CHECK", "True")
-    with running(FakeCompute()) as fake:
-        link = f"{BASE}/projects/{PROJECT}/global/images/base"
-        fake.world.images[(PROJECT, "base")] = {"name": "base", "status": "READY", "description": "",
-                                                "selfLink": link, "labels": {}}
-        p = GCPProvider({"Project": PROJECT, "Zone": ZONE, "Endpoint": fake.endpoint})
-        try:
-            yield fake, p, f"projects/{PROJECT}/global/images/base"
-        finally:
-            p.close()
+    fake = gce_server
+    fake.world = World()
+    link = f"{BASE}/projects/{PROJECT}/global/images/base"
+    fake.world.images[(PROJECT, "base")] = {"name": "base", "status": "READY", "description": "",
+                                            "selfLink": link, "labels": {}}
+    p = GCPProvider({"Project": PROJECT, "Zone": ZONE, "Endpoint": fake.endpoint})
+    try:
+        yield fake, p, f"projects/{PROJECT}/global/images/base"
+    finally:
+        p.close()
 
 
 def gce_disks(fake) -> dict[str, dict]:
