@@ -371,7 +371,7 @@ def test_group_destroy_volumes_removes_what_its_logical_ids_own(aws, tmp_path, c
             assert main(["volume", "ls", "--config", str(cfg_file)]) == 0
             rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
             assert [(r[0], r[1]) for r in rows] == [("db-m1-data", "1G"), ("db-m2-data", "1G")]
-            assert all(r[3].startswith("i-") for r in rows)
+            assert all(r[3].startswith("i-") for r in rows) and [r[4] for r in rows] == ["db/m1", "db/m2"]
 
             assert main(["group", "--server", bound[0], "destroy", "--volumes", "--config", str(cfg_file), "db"]) == 0
             out = capsys.readouterr().out

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     vsub = p.add_subparsers(dest="volume_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
-    ls = vsub.add_parser("ls", help="list volumes: name, size, space used, the instance that has it")
+    ls = vsub.add_parser("ls", help="list volumes: name, size, space used, the instance that has it, its owner")
     _common(ls)
     ls.set_defaults(func=run_ls)
 
@@ -79,14 +79,14 @@ def run_ls(args: argparse.Namespace) -> int:
         volumes = provider.list_volumes(**kw)
     finally:
         provider.close()
-    rows = [(v["Name"], f"{v['SizeGb']:g}G", _human(v["Allocated"]) if "Allocated" in v else "-", v["Instance"] or "-")
-            for v in volumes]
+    rows = [(v["Name"], f"{v['SizeGb']:g}G", _human(v["Allocated"]) if "Allocated" in v else "-", v["Instance"] or "-",
+             v.get("Owner") or "-") for v in volumes]
     if not sys.stdout.isatty():  # scripts read TSV
         for row in rows:
             print("\t".join(row))
         return 0
-    header = ("NAME", "SIZE", "USED", "INSTANCE")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    header = ("NAME", "SIZE", "USED", "INSTANCE", "OWNER")  # OWNER: group/logical id, where the provider tags it
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return 0
