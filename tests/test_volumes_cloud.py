@@ -272,6 +272,38 @@ def test_gcp_disk_is_made_labelled_attached_at_insert_and_kept_across_replacemen
         p.remove_volume("db-Db.1-data", NS)
 
 
+def test_gcp_replacement_waits_until_a_deleted_instance_releases_the_disk(gce):
+    """The old member's delete is still running (STOPPING, the disk still in use): the new one,
+    named for the same logical id, waits until it is gone, then is inserted with the disk."""
+    import threading
+    import time
+
+    from gce_fake.common import PROJECT, ZONE
+
+    fake, p, image = gce
+    props = {"Image": image, "Volumes": [{"Name": "data", "SizeGb": 1}]}
+    first = p.create(spec(props, lid="db1"))
+    assert first.id == "db1"
+    with fake.world.lock:
+        op = fake.world.delete_instance(PROJECT, ZONE, "db1", None)  # someone else's delete, not polled yet
+
+    def finish() -> None:
+        time.sleep(0.3)
+        with fake.world.lock:
+            fake.world.poll(op["name"])
+            fake.world.poll(op["name"])
+
+    t = threading.Thread(target=finish)
+    t.start()
+    try:
+        second = p.create(spec(props, lid="db1"))
+    finally:
+        t.join()
+    [name] = gce_disks(fake)
+    assert second.id == "db1" and gce_attached(fake, "db1") == {"data": name}
+    assert [u.rsplit("/", 1)[-1] for u in gce_disks(fake)[name]["users"]] == ["db1"]
+
+
 def test_gcp_attachment_names_an_existing_disk(gce):
     from gce_fake import disks
     from gce_fake.common import PROJECT, ZONE
