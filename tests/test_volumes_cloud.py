@@ -156,10 +156,17 @@ def test_aws_replacement_waits_until_a_terminating_instance_releases_the_volume(
 
 
 def test_aws_attachment_id_names_an_existing_volume(aws):
+    """Through the instance core, as Infrakit's Provision carries it (Spec.Attachments)."""
+    from mobykit.core.instance import InstanceCore
+    from mobykit.spi.types import Attachment, Spec
+
     vol = ec2().create_volume(AvailabilityZone="us-east-1c", Size=3)["VolumeId"]
-    p = {"RunInstancesInput": {"ImageId": ami()}}
-    m = aws.create(MachineSpec(p, {GROUP: "g"}, attachments=[(vol, "ebs")]))
-    assert m.properties["Placement"] == "us-east-1c"  # launched where the volume is
+    core = InstanceCore({"default_provider": "aws", "providers": {"aws": {"NamespaceTags": NS}}},
+                        providers={"aws": aws})
+    iid = core.provision("aws", Spec(properties={"RunInstancesInput": {"ImageId": ami()}}, tags={GROUP: "g"},
+                                     attachments=[Attachment(vol, "ebs")]))
+    [m] = aws.list({GROUP: "g", **NS})
+    assert m.id == iid and m.properties["Placement"] == "us-east-1c"  # launched where the volume is
     assert attached(m.id) == {"/dev/sdf": vol}
     aws.destroy(m.id)
     assert ec2().describe_volumes(VolumeIds=[vol])["Volumes"][0]["State"] == "available"  # kept
