@@ -1,7 +1,7 @@
 """Boot to readiness of specs/images/minimal.yml under qemu TCG, with crun and with runc, against a
 floor booted in the same run.
 
-    .venv/bin/python bench/bench_boot.py [--runs 5] [--run-qemu 5]
+    .venv/bin/python bench/bench_boot.py [--runs 5] [--run-qemu 5] [--before REV]
 
 - minimal: minimal.yml's kernel+initrd, from qemu start to `mobykit: ready` on the serial console
   (init, modules, DHCP, sysctl + hello onboot containers, the httpd service); built once with
@@ -14,6 +14,8 @@ floor booted in the same run.
   and with one onboot container that does nothing (the difference is one container run);
 - per-step medians from the init's own trace (`mobykit.trace=1` on every image's command line:
   seconds since the kernel started, as each step ends);
+- with --before REV: a third column, "before": runc with the init package as it was at git
+  revision REV (specs/pkgs/init from `git archive`), to show before and after in one run;
 - with --run-qemu N: `mobykit run qemu --until-ready` (the command a user types, process start
   to exit) on minimal.yml's build against the same command on the floor's initrd, interleaved.
 
@@ -55,6 +57,7 @@ FLOOR_INIT = (
     b"while :; do /bin/busybox sleep 60; done\n"
 )
 TRACE = re.compile(rb"^mobykit: trace (\d+\.\d+) (.+?)\r?$", re.M)
+MEM = re.compile(rb"^mobykit: trace-mem (\d+) kB", re.M)
 
 
 def floor_initrd(path: Path) -> None:
@@ -108,19 +111,33 @@ def steps(console: bytes) -> dict[str, float]:
     return out
 
 
-def spec_for(path: Path, runtime: str) -> SpecSource:
-    """The spec as it is (crun) or with its init's crun line naming runc instead."""
+def spec_for(path: Path, runtime: str, old_init: Path | None = None) -> SpecSource:
+    """The spec as it is (crun) or with its init's crun line naming runc instead ("runc", and
+    "before", which also takes every ``@pkg:.../init`` from ``old_init``)."""
     text = path.read_text()
-    if runtime == "runc":
+    if runtime in ("runc", "before"):
         text, n = re.subn(r'(@pkg:[./]*?(?:specs/)?pkgs/)crun"', r'\1runc"', text)
         if n != 1:
             raise SystemExit(f"{path}: expected one crun line in init:")
+    if runtime == "before":
+        assert old_init is not None
+        text = re.sub(r'@pkg:[./]*?(?:specs/)?pkgs/init"', f'@pkg:{old_init}"', text)
     return SpecSource(name=f"{path} ({runtime})", text=text, base=path.parent)
+
+
+def old_init_recipe(rev: str, work: Path) -> Path:
+    """specs/pkgs/init as it was at ``rev``, as a recipe directory under ``work``."""
+    out = work / "init-before"
+    out.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "specs/pkgs/init"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "--strip-components=3", "-C", str(out)], input=archive, check=True)
+    return out
 
 
 def run_qemu(prefix: Path) -> float:
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "mobykit", "run", "qemu", "--until-ready", str(prefix)],
+    r = subprocess.run([sys.executable, "-m", "mobykit.cli.main", "run", "qemu", "--until-ready", str(prefix)],
                        capture_output=True, check=False)
     took = time.perf_counter() - start
     if r.returncode != 0:
@@ -130,16 +147,19 @@ def run_qemu(prefix: Path) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=5, help="rounds of the main table (0: only --run-qemu)")
     ap.add_argument("--run-qemu", type=int, default=0, metavar="N",
                     help="also time `mobykit run qemu --until-ready` on minimal.yml against the floor, N each")
+    ap.add_argument("--before", metavar="REV", help="add a column: runc with the init package at git revision REV")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mobykit-bench-boot-"))
     try:
         cache = Cache(os.environ.get("MOBYKIT_CACHE") or default_root())
+        old_init = old_init_recipe(args.before, work) if args.before else None
+        runtimes = RUNTIMES + (("before",) if args.before else ())
         builds = {
-            (name, rt): build([spec_for(spec, rt)], outdir=work, name=f"{name}-{rt}", cache=cache)
-            for name, spec in SPECS for rt in RUNTIMES
+            (name, rt): build([spec_for(spec, rt, old_init)], outdir=work, name=f"{name}-{rt}", cache=cache)
+            for name, spec in SPECS for rt in runtimes
         }
         r = builds["minimal", "crun"]
         cmdline = r.path("-cmdline").read_text().strip()
@@ -152,6 +172,7 @@ def main() -> int:
         times: dict[tuple[str, str], list[float]] = {key: [] for key in builds}
         times["floor", ""] = []
         traces: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in builds}
+        mem: dict[tuple[str, str], list[int]] = {key: [] for key in builds}
         for _ in range(args.runs):
             times["floor", ""].append(
                 time_to(READY, r.path("-kernel"), work / "floor-initrd.img", cmdline)[0])
@@ -159,38 +180,46 @@ def main() -> int:
                 took, console = time_to(READY, r.path("-kernel"), b.path("-initrd.img"), cmdline)
                 times[key].append(took)
                 traces[key].append(steps(console))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        f = med["floor", ""]
+                if m := MEM.search(console):
+                    mem[key].append(int(m.group(1)))
+        if args.runs:
+            med = {k: statistics.median(v) for k, v in times.items()}
+            f = med["floor", ""]
 
-        def spread(k: tuple[str, str]) -> str:
-            return f"{min(times[k]):.2f}-{max(times[k]):.2f}"
+            def spread(k: tuple[str, str]) -> str:
+                return f"{min(times[k]):.2f}-{max(times[k]):.2f}"
 
-        print(f"load average at the end: {os.getloadavg()[0]:.2f} (2 cores, shared)\n")
-        print(f"| qemu start to `mobykit: ready` (TCG, median of {args.runs}) | crun | runc |")
-        print("|---|---|---|")
-        print(f"| floor: same kernel and cmdline, bare busybox initrd | {f:.2f} s ({spread(('floor', ''))}) | |")
-        for name, label in (("empty", "boot-empty.yml (the init, no containers)"),
-                            ("one", "boot-one.yml (one no-op onboot container)"),
-                            ("minimal", "minimal.yml (2 onboot + 1 service)")):
-            cells = [f"{med[name, rt]:.2f} s ({spread((name, rt))}), {med[name, rt] / f:.2f}x" for rt in RUNTIMES]
-            print(f"| {label} | " + " | ".join(cells) + " |")
-        for label, a, b in (("one container run (one - empty)", "one", "empty"),
-                            ("minimal's three containers (minimal - empty)", "minimal", "empty")):
-            print(f"| {label} | " + " | ".join(f"{med[a, rt] - med[b, rt]:.2f} s" for rt in RUNTIMES) + " |")
-        print("| minimal.yml initrd | " + " | ".join(
-            f"{builds['minimal', rt].path('-initrd.img').stat().st_size / 1e6:.1f} MB" for rt in RUNTIMES) + " |")
-        print("\n| minimal.yml, init trace step (median s) | crun | runc |")
-        print("|---|---|---|")
-        names: list[str] = []
-        for rt in RUNTIMES:
-            for t in traces["minimal", rt]:
-                names += [n for n in t if n not in names]
-        for n in names:
-            cells = [statistics.median(t.get(n, 0.0) for t in traces["minimal", rt]) for rt in RUNTIMES]
-            label = "kernel boot + init mounts (from kernel start)" if n == "mounts" else n
-            print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+            print(f"load average at the end: {os.getloadavg()[0]:.2f} (2 cores, shared)\n")
+            head = " | ".join(runtimes)
+            print(f"| qemu start to `mobykit: ready` (TCG, median of {args.runs}) | {head} |")
+            print("|---|" + "---|" * len(runtimes))
+            print(f"| floor: same kernel and cmdline, bare busybox initrd | {f:.2f} s ({spread(('floor', ''))}) | |")
+            for name, label in (("empty", "boot-empty.yml (the init, no containers)"),
+                                ("one", "boot-one.yml (one no-op onboot container)"),
+                                ("minimal", "minimal.yml (2 onboot + 1 service)")):
+                cells = [f"{med[name, rt]:.2f} s ({spread((name, rt))}), {med[name, rt] / f:.2f}x" for rt in runtimes]
+                print(f"| {label} | " + " | ".join(cells) + " |")
+            for label, a, b in (("one container run (one - empty)", "one", "empty"),
+                                ("minimal's three containers (minimal - empty)", "minimal", "empty")):
+                print(f"| {label} | " + " | ".join(f"{med[a, rt] - med[b, rt]:.2f} s" for rt in runtimes) + " |")
+            print("| minimal.yml initrd | " + " | ".join(
+                f"{builds['minimal', rt].path('-initrd.img').stat().st_size / 1e6:.1f} MB" for rt in runtimes) + " |")
+            print("| memory in use at ready (MemTotal - MemAvailable, trace) | " + " | ".join(
+                f"{statistics.median(mem['minimal', rt]) / 1024:.1f} MiB" if mem["minimal", rt] else "-"
+                for rt in runtimes) + " |")
+            print(f"\n| minimal.yml, init trace step (median s) | {head} |")
+            print("|---|" + "---|" * len(runtimes))
+            names: list[str] = []
+            for rt in runtimes:
+                for t in traces["minimal", rt]:
+                    names += [n for n in t if n not in names]
+            for n in names:
+                cells = [f"{statistics.median(t.get(n, 0.0) for t in traces['minimal', rt]):.2f}"
+                         if any(traces["minimal", rt]) else "-" for rt in runtimes]
+                label = "kernel boot + init mounts (from kernel start)" if n == "mounts" else n
+                print(f"| {label} | " + " | ".join(cells) + " |")
         if args.run_qemu:
-            floor = work / "floor"
+            floor = work / "bare"
             shutil.copy(r.path("-kernel"), f"{floor}-kernel")
             shutil.copy(work / "floor-initrd.img", f"{floor}-initrd.img")
             Path(f"{floor}-cmdline").write_text(r.path("-cmdline").read_text())

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
@@ -77,6 +79,20 @@ class Run:
     shutdown_at: int
 
 
+def _get_with_retries(url: str, attempts: int = 40) -> bytes:
+    """The page, retried while the connection is refused or reset: "ready" means every service
+    was created, and the service's process may still be starting to listen (a client retries)."""
+    for i in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.read()
+        except (ConnectionError, urllib.error.URLError):
+            if i == attempts - 1:
+                raise
+            time.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
 def _boot_scenario(build, *, runtime: str = "crun", append: str = "", user_data: str | None = None, meta_data: str = "",
                    http: bool = False, ready: str = r"^mobykit: (not )?ready .*$",
                    metadata: gk.FakeMetadata | None = None, press_power: bool = True,
@@ -92,8 +108,7 @@ def _boot_scenario(build, *, runtime: str = "crun", append: str = "", user_data:
             m = g.wait_for(ready, BOOT_TIMEOUT)
             body = None
             if http:
-                with urllib.request.urlopen(f"http://127.0.0.1:{g.http_port}/", timeout=30) as r:
-                    body = r.read()
+                body = _get_with_retries(f"http://127.0.0.1:{g.http_port}/")
             if press_power:
                 g.powerdown()
             code = g.wait_exit(90)
