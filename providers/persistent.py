@@ -1,9 +1,8 @@
-"""The provider-neutral part of persistent volumes (instance property ``Volumes``) for the cloud
-providers: checking the property, and who owns a volume.
+"""The provider-neutral part of persistent volumes (instance property ``Volumes``) for every
+provider: checking the property, and who owns a volume.
 
 A volume belongs to a logical id of a group (``<group>-<lid>-<name>``): a replacement holding the
 same logical id takes it over, so a clustered member comes back as the same member with its data.
-The libvirt provider checks the same shape in its own properties module.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from mobykit.errors import InvalidArgument
 
 GROUP_TAG = "infrakit.group"
 MAX_VOLUMES = 16
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,19}$")  # 20: what every provider's device naming takes
+# 20: what every provider's device naming takes (a virtio disk serial's limit is the tightest)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,19}$")
 _OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")  # group names, logical ids (IPs too)
 
 
@@ -46,7 +46,8 @@ def parse(volumes: Any, where: str = "Properties.Volumes") -> list[Volume]:
             raise InvalidArgument(f"{at}.{unknown[0]}: unknown key (known: Name, SizeGb)")
         name, size = v.get("Name"), v.get("SizeGb")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise InvalidArgument(f"{at}.Name: {name!r} must be 1-20 lower-case letters, digits, '_' or '-'")
+            raise InvalidArgument(f"{at}.Name: {name!r} must be 1-20 lower-case letters, digits, '_' or '-' "
+                                  "(the guest sees it as the disk's serial or device name)")
         if any(o.name == name for o in out):
             raise InvalidArgument(f"{at}.Name: {name!r} given twice")
         if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 16384:
@@ -63,13 +64,19 @@ def owner(tags: dict[str, str], logical_id: str | None) -> tuple[str, str]:
         raise InvalidArgument("Properties.Volumes: volumes belong to a logical id (<group>-<logical id>-<name>, "
                               "kept across replacements); this instance has no logical id and group - give the "
                               "group Allocation.LogicalIDs")
+    check_owner(group, logical_id)
+    return group, logical_id
+
+
+def check_owner(group: str, logical_id: str) -> None:
+    """A group name and logical id that can name a volume on every provider."""
     for what, value in (("group name", group), ("logical id", logical_id)):
         if not _OWNER.match(value):
             raise InvalidArgument(f"Properties.Volumes: {what} {value!r} cannot name a volume "
                                   "(letters, digits, '.', '_', '-', ':', at most 63)")
-    return group, logical_id
 
 
 def volume_name(group: str, logical_id: str, name: str) -> str:
-    """``<group>-<lid>-<name>``, what ``mobykit volume ls`` shows and ``rm`` takes."""
+    """``<group>-<lid>-<name>``, what ``mobykit volume ls`` shows and ``rm`` takes (``:`` of an
+    IPv6 id as ``_``: a libvirt dir pool's volumes are file names)."""
     return f"{group}-{logical_id.replace(':', '_')}-{name}"

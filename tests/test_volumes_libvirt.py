@@ -119,7 +119,7 @@ def test_volumes_without_a_logical_id_are_an_error_that_says_so(provider):
     ([{"Name": "data", "SizeGb": 1}, {"Name": "data", "SizeGb": 2}], "Properties.Volumes[1].Name: 'data' given twice"),
     ([{"Name": "data", "SizeGb": 0}], "Properties.Volumes[0].SizeGb: must be a whole number of GiB from 1 to 16384, got 0"),
     ([{"Name": "data", "SizeGb": "1G"}], "Properties.Volumes[0].SizeGb: must be a whole number"),
-    ([{"Name": "data", "SizeGb": 1, "Type": "ssd"}], "Properties.Volumes[0]: unknown key(s) Type (known: Name, SizeGb)"),
+    ([{"Name": "data", "SizeGb": 1, "Type": "ssd"}], "Properties.Volumes[0].Type: unknown key (known: Name, SizeGb)"),
 ])
 def test_bad_volumes_are_named_at_validate(provider, volumes, message):
     with pytest.raises(InvalidArgument) as e:

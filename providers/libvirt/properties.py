@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from mobykit.errors import InvalidArgument
+from mobykit.providers import persistent
 from mobykit.providers.libvirt import network
 
 ID_PREFIX = "mobykit-"
@@ -41,8 +42,6 @@ CREATE_GRACE = 300.0  # seconds after which an unfinished create is listed anywa
 _PUBLISH = re.compile(
     r"^(?:(?P<addr>[0-9.]+):)?(?P<host>\d{0,5}):(?P<guest>\d{1,5})(?:/(?P<proto>tcp|udp))?$")
 _IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
-_VOLUME_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,19}$")  # 20: a virtio disk serial's limit
-_VOLUME_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")  # group names, logical ids (IPs too)
 VOLUME_POOL_SUFFIX = "-volumes"  # persistent volumes live in a pool of their own: <Pool>-volumes
 _ID = re.compile(rf"^{ID_PREFIX}(\d{{20}})-")
 
@@ -92,41 +91,13 @@ def boot_mode(properties: dict[str, Any]) -> str:
 
 def volume_specs(properties: dict[str, Any]) -> list[tuple[str, int]]:
     """``Volumes`` as (name, size in GiB), in order; checked by validate_properties."""
-    return [(v["Name"], v["SizeGb"]) for v in properties.get("Volumes") or []]
+    return [(v.name, v.size_gb) for v in persistent.parse(properties.get("Volumes"))]
 
 
 def volume_name(group: str, logical_id: str, name: str) -> str:
-    """The pool volume a logical id owns: ``<group>-<lid>-<name>`` (``:`` of an IPv6 id as ``_``,
-    file names in a dir pool being paths)."""
-    for what, value in (("group name", group), ("logical id", logical_id)):
-        if not _VOLUME_OWNER.match(value):
-            raise InvalidArgument(f"Properties.Volumes: {what} {value!r} cannot name a volume "
-                                  "(letters, digits, '.', '_', '-', ':', at most 63)")
-    return f"{group}-{logical_id.replace(':', '_')}-{name}"
-
-
-def _validate_volumes(volumes: Any) -> None:
-    if not isinstance(volumes, list):
-        raise InvalidArgument('Properties.Volumes: must be a list like [{"Name": "data", "SizeGb": 1}]')
-    if len(volumes) > 16:
-        raise InvalidArgument(f"Properties.Volumes: at most 16 volumes per instance, got {len(volumes)}")
-    seen = set()
-    for i, v in enumerate(volumes):
-        where = f"Properties.Volumes[{i}]"
-        if not isinstance(v, dict):
-            raise InvalidArgument(f'{where}: must be an object like {{"Name": "data", "SizeGb": 1}}')
-        unknown = sorted(set(v) - {"Name", "SizeGb"})
-        if unknown:
-            raise InvalidArgument(f"{where}: unknown key(s) {', '.join(unknown)} (known: Name, SizeGb)")
-        name, size = v.get("Name"), v.get("SizeGb")
-        if not isinstance(name, str) or not _VOLUME_NAME.match(name):
-            raise InvalidArgument(f"{where}.Name: {name!r} must be 1-20 lower-case letters, digits, '_' or '-' "
-                                  "(the guest sees it as the disk's serial)")
-        if name in seen:
-            raise InvalidArgument(f"{where}.Name: {name!r} given twice")
-        seen.add(name)
-        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 16384:
-            raise InvalidArgument(f"{where}.SizeGb: must be a whole number of GiB from 1 to 16384, got {size!r}")
+    """The pool volume a logical id owns: ``<group>-<lid>-<name>`` (``providers.persistent``)."""
+    persistent.check_owner(group, logical_id)
+    return persistent.volume_name(group, logical_id, name)
 
 
 def validate_properties(properties: dict[str, Any]) -> None:
@@ -163,7 +134,7 @@ def validate_properties(properties: dict[str, Any]) -> None:
         # The disk's boot loader has the kernel, initrd and command line the image was built with.
         raise InvalidArgument("Properties.Boot: disk boots a built Image's disk; Kernel, Initrd and Cmdline "
                               "go with Boot: kernel")
-    _validate_volumes([] if properties.get("Volumes") is None else properties["Volumes"])
+    persistent.parse([] if properties.get("Volumes") is None else properties["Volumes"])
     network.validate(properties)
     publish = properties.get("Publish", [])
     if not isinstance(publish, list):
