@@ -25,7 +25,7 @@ import boto3
 import pytest
 
 from harness.images import SPEC, standard_images
-from harness.moto_server import MotoServer, aws_env, ec2_backend, extend_moto, sparse_disk
+from harness.moto_server import MotoServer, aws_env, ec2_backend, extended_moto, sparse_disk
 from mobykit.core import paths
 from mobykit.core.instance import InstanceCore
 from mobykit.errors import FailedPrecondition, InvalidArgument
@@ -50,13 +50,8 @@ WAIT = 120.0
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    server.start()
-    try:
-        with extend_moto():
-            yield server
-    finally:
-        server.stop()
+    with extended_moto() as server:
+        yield server
 
 
 @pytest.fixture

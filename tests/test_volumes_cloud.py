@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import boto3
 import pytest
 
-from harness.moto_server import MotoServer, aws_env, extend_moto
+from harness.moto_server import MotoServer, aws_env, extended_moto
 from mobykit.errors import FailedPrecondition, InvalidArgument, NotFound
 from mobykit.providers.aws import AWSProvider
 from mobykit.providers.base import MachineSpec
@@ -23,13 +23,8 @@ NS = {"deployment": "test"}
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    server.start()
-    try:
-        with extend_moto():
-            yield server
-    finally:
-        server.stop()
+    with extended_moto() as server:
+        yield server
 
 
 @pytest.fixture

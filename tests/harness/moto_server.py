@@ -285,6 +285,18 @@ def _set_or_del(owner: Any, name: str, value: Any) -> None:
 
 
 @contextlib.contextmanager
+def extended_moto() -> Iterator[MotoServer]:
+    """A started MotoServer with the tests' backend extensions (``extend_moto``), stopped after."""
+    server = MotoServer()
+    server.start()
+    try:
+        with extend_moto():
+            yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def aws_env(url: str, region: str = "us-east-1") -> Iterator[None]:
     """Point boto3's standard chain at the server: endpoint, region and dummy credentials, no IMDS."""
     keys = {"AWS_ENDPOINT_URL": url, "AWS_REGION": region, "AWS_DEFAULT_REGION": region,
