@@ -333,7 +333,9 @@ def test_the_etcd_group_is_a_quorum_group_with_volumes_and_a_private_network():
     assert all(ipaddress.ip_address(lid) in ipaddress.ip_network(inst["PrivateNetwork"]) for lid in lids)
     flavor = p["Flavor"]["Properties"]
     assert flavor["Init"] == ["members=" + " ".join(lids)]  # membership = the logical ids
-    assert flavor["Health"]["Mode"] == "console" and p["Updating"]["MinReadySeconds"] >= 10
+    # health = this member is up and the cluster has a leader: etcd's /health on its published 2379
+    assert flavor["Health"] == {"Mode": "http", "Port": 2379, "Path": "/health", "Deadline": "300s"}
+    assert p["Updating"]["MinReadySeconds"] >= 5
 
 
 @pytest.mark.slow

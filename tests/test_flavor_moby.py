@@ -298,6 +298,37 @@ def test_tcp_mode_probes_the_published_port(http_server, spec_file):
     assert MobyFlavor({}, instances=ready, clock=Clock()).healthy("", closed, inst) == Health.UNKNOWN
 
 
+class _PublishingProbe(_StaticProbe):
+    """A ready console and the instance's published ports, as a provider lists them."""
+
+    def __init__(self, text: str, ports: dict[str, int]):
+        super().__init__(text)
+        self.ports, self.lookups = ports, 0
+
+    def published_ports(self, instance_id: str) -> dict[str, int] | None:
+        self.lookups += 1
+        return dict(self.ports)
+
+
+def test_http_health_port_is_the_guest_port_through_its_published_host_port(http_server, spec_file):
+    """``Publish: ["0:2379"]`` gives each member a host port of its own: Health.Port names the guest's
+    port and the probe goes to wherever the instance publishes it (from the listing, looked up once
+    per instance, or from a Description that carries ``Ports``); an unpublished port is probed as is."""
+    probe = _PublishingProbe(f"mobykit: ready {IMAGE_A}\n", {"2379": http_server})
+    inst = Description(id="x-1", tags={IMAGE_TAG: IMAGE_A})
+    props = {"Image": spec_file, "Health": {"Mode": "http", "Port": 2379, "Path": "/healthz"}}
+    f = MobyFlavor({}, instances=probe, clock=Clock())
+    assert f.healthy("", props, inst) == Health.HEALTHY
+    assert f.healthy("", props, inst) == Health.HEALTHY and probe.lookups == 1
+    described = Description(id="x-2", tags={IMAGE_TAG: IMAGE_A}, properties={"Ports": {"2379": http_server}})
+    assert MobyFlavor({}, instances=_StaticProbe(f"mobykit: ready {IMAGE_A}\n"), clock=Clock()).healthy(
+        "", props, described) == Health.HEALTHY
+    elsewhere = _PublishingProbe(f"mobykit: ready {IMAGE_A}\n", {"2379": _free_port()})
+    assert MobyFlavor({}, instances=elsewhere, clock=Clock()).healthy("", props, inst) == Health.UNKNOWN
+    direct = {"Image": spec_file, "Health": {"Mode": "http", "Port": http_server, "Path": "/healthz"}}
+    assert MobyFlavor({}, instances=elsewhere, clock=Clock()).healthy("", direct, inst) == Health.HEALTHY
+
+
 # --- Drain -------------------------------------------------------------------------------------
 
 

@@ -161,7 +161,7 @@ class ProviderProbe:
         except (NotFound, InvalidArgument):
             return None
 
-    def state(self, instance_id: str) -> str | None:
+    def _machine(self, instance_id: str):
         for name, provider in self._providers(instance_id):
             try:
                 machines = provider.list({})
@@ -171,5 +171,26 @@ class ProviderProbe:
                 if m.id == instance_id:
                     with self._lock:
                         self._where[instance_id] = name
-                    return m.state
+                    return m
         return None
+
+    def state(self, instance_id: str) -> str | None:
+        m = self._machine(instance_id)
+        return m.state if m is not None else None
+
+    def published_ports(self, instance_id: str) -> dict[str, int] | None:
+        """The instance's published ports (``Ports``: guest port -> port on 127.0.0.1), None when
+        the instance is not found; {} when it publishes none."""
+        m = self._machine(instance_id)
+        if m is None:
+            return None
+        ports = (m.properties or {}).get("Ports")
+        return dict(ports) if isinstance(ports, dict) else {}
+
+
+def host_port(published: dict[str, Any] | None, port: int) -> int:
+    """Where a health probe of ``port`` goes on 127.0.0.1: the host port the instance publishes
+    its guest port ``port`` on (``Publish: ["0:2379"]`` gives each member a port of its own), else
+    ``port`` itself (a fixed ``Publish: ["8080:80"]`` probed as 8080, or a port the host serves)."""
+    mapped = (published or {}).get(str(port))
+    return mapped if isinstance(mapped, int) and not isinstance(mapped, bool) and 0 < mapped < 65536 else port

@@ -50,6 +50,7 @@ import os
 import subprocess
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # the spec loader is imported when a Prepare builds, not by e
 
 KEYS = ("Image", "Init", "Tags", "Health", "Drain")
 HEALTH_KEYS = ("Mode", "Port", "Path", "Deadline")
+PORTS_KEPT = 4096
 DRAIN_KEYS = ("Command", "Grace")
 MODES = ("console", "running", "tcp", "http")
 IMAGE_TAG = "mobykit.image"
@@ -188,6 +190,9 @@ class MobyFlavor:
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}
         self._watch: HealthWatch | None = None
+        # Published ports by instance id, for tcp/http health: fixed from an instance's creation,
+        # so looked up once (a listing) and kept, the oldest dropped past PORTS_KEPT.
+        self._ports: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -237,6 +242,23 @@ class MobyFlavor:
                     self._probe = probes.ProviderProbe(inst.provider, names)
             return self._probe
 
+    def _host_port(self, instance: Description, port: int) -> int:
+        """The 127.0.0.1 port a tcp/http probe of guest ``port`` goes to (``health.host_port``):
+        from the Description's ``Ports`` when the caller listed properties, else from the provider."""
+        published = _published(instance)
+        if published is None:
+            with self._lock:
+                published = self._ports.get(instance.id)
+            if published is None:
+                lookup = getattr(self.probe(), "published_ports", None)
+                published = lookup(instance.id) if callable(lookup) else {}
+                if published is not None:
+                    with self._lock:
+                        self._ports[instance.id] = published
+                        while len(self._ports) > PORTS_KEPT:
+                            self._ports.popitem(last=False)
+        return probes.host_port(published, port)
+
     # -- the SPI --------------------------------------------------------------------------------
 
     def validate(self, type: str, properties: Any, allocation: Allocation) -> None:
@@ -264,7 +286,9 @@ class MobyFlavor:
             if state in (None, "stopping", "stopped", "terminated"):
                 return Health.UNHEALTHY
             return self._before_deadline(instance, check)
-        port = PortCheck(check.mode, check.port, check.path) if check.port and check.mode != "console" else None
+        port = None
+        if check.port and check.mode != "console":
+            port = PortCheck(check.mode, self._host_port(instance, check.port), check.path)
         seen = self.watch().seen(iid, image_id, port=port,
                                  deadline_at=self._created(instance) + check.deadline)
         if seen.gone or seen.verdict is False:
@@ -352,6 +376,11 @@ class MobyFlavor:
 def _boots_disk(spec: Spec) -> bool:
     """Whether the instance boots the image's disk (libvirt ``Boot: disk``) rather than its kernel."""
     return isinstance(spec.properties, dict) and spec.properties.get("Boot") == "disk"
+
+
+def _published(instance: Description) -> dict[str, Any] | None:
+    ports = _prop(instance, "Ports")
+    return ports if isinstance(ports, dict) else None
 
 
 def _prop(instance: Description, key: str) -> Any:
