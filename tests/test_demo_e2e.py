@@ -46,7 +46,7 @@ def test_both_demo_images_use_the_same_packages_and_differ_in_the_version_file()
     v1, v2 = demo.IMAGE_V1.read_text(), demo.IMAGE_V2.read_text()
     pkgs = sorted(set(re.findall(r"@pkg:\.\./pkgs/([a-z]+)", v1)))
     assert pkgs == sorted(set(re.findall(r"@pkg:\.\./pkgs/([a-z]+)", v2)))
-    assert {"kernel", "init", "runc", "httpd"} <= set(pkgs)
+    assert {"kernel", "init", "crun", "httpd"} <= set(pkgs) and "runc" not in pkgs  # crun: the default runtime
     assert '"v1\\n"' in v1 and '"v2\\n"' in v2
 
 
