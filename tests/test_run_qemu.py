@@ -62,6 +62,23 @@ def test_cmdline_gets_console_and_panic_unless_set() -> None:
     assert qemu.guest_cmdline("console=hvc0 panic=5") == "console=hvc0 panic=5"
 
 
+def test_without_data_the_guest_is_told_not_to_look_for_user_data(tmp_path: Path) -> None:
+    """No --data: no cidata ISO and no metadata server on qemu's user network, so the kernel boot's
+    command line says mobykit.metadata=none (the init skips the lookup and its wait for the IDE
+    probe); with --data it does not, and an image's own mobykit.metadata= is never overridden."""
+    boot = qemu.BootFiles(tmp_path / "k", tmp_path / "i", "quiet")
+
+    def append(b: qemu.BootFiles, iso: Path | None) -> str:
+        cmd = qemu.qemu_command(b, qemu.RunOptions(), accel="tcg", iso=iso, attached=False)
+        return cmd[cmd.index("-append") + 1]
+
+    assert append(boot, None).split() == ["quiet", "console=ttyS0", "panic=-1", "mobykit.metadata=none"]
+    assert "mobykit.metadata" not in append(boot, tmp_path / "cidata.iso")
+    own = qemu.BootFiles(tmp_path / "k", tmp_path / "i", "mobykit.metadata=gcp")
+    assert append(own, None).split().count("mobykit.metadata=gcp") == 1
+    assert "mobykit.metadata=none" not in append(own, None)
+
+
 def test_publish_is_loopback_only_and_checked(tmp_path: Path) -> None:
     boot = qemu.BootFiles(tmp_path / "k", tmp_path / "i", "")
     opts = qemu.RunOptions(publish=["8080:80", "127.0.0.1:2222:22/tcp"])

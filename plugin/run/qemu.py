@@ -75,13 +75,19 @@ def find_boot_files(name: str | Path) -> BootFiles:
     return BootMedia(kernel, initrd, cmdline)
 
 
-def guest_cmdline(cmdline: str) -> str:
-    """Our console and panic settings, unless the image set its own."""
+def guest_cmdline(cmdline: str, *, user_data: bool = True) -> str:
+    """Our console and panic settings, unless the image set its own. Without user data
+    (``user_data=False``: no ``--data``, so no cidata ISO) also ``mobykit.metadata=none`` unless the
+    image names its own providers: this machine has nowhere else to serve user data from (no
+    metadata server on qemu's user network, and the init asks the clouds' only on their hardware),
+    so the init need not wait for the IDE/CD-ROM probe to find that out (~0.5 s under TCG)."""
     words = cmdline.split()
     if not any(w.startswith("console=") for w in words):
         words.append("console=ttyS0")
     if not any(w.startswith("panic=") for w in words):
         words.append("panic=-1")
+    if not user_data and not any(w.startswith("mobykit.metadata=") for w in words):
+        words.append("mobykit.metadata=none")
     return " ".join(words)
 
 
@@ -107,13 +113,15 @@ def _drive_path(path: Path) -> str:
     return str(path).replace(",", ",,")
 
 
-def boot_args(boot: BootMedia) -> list[str]:
-    """What qemu boots: a kernel (maybe with a root disk), else an ISO or a disk through the firmware."""
+def boot_args(boot: BootMedia, *, user_data: bool = True) -> list[str]:
+    """What qemu boots: a kernel (maybe with a root disk), else an ISO or a disk through the firmware.
+    ``user_data``: whether a cidata ISO goes with it (see ``guest_cmdline``)."""
     args: list[str] = []
     if boot.kernel is not None:
         if boot.initrd is None:
             raise InvalidArgument(f"{boot.format}: a kernel boot needs an initrd")
-        args += ["-kernel", str(boot.kernel), "-initrd", str(boot.initrd), "-append", guest_cmdline(boot.cmdline)]
+        args += ["-kernel", str(boot.kernel), "-initrd", str(boot.initrd),
+                 "-append", guest_cmdline(boot.cmdline, user_data=user_data)]
     first = "" if boot.kernel is not None else ",bootindex=0"
     if boot.cdrom is not None:
         args += ["-drive", f"file={_drive_path(boot.cdrom)},if=none,id=boot,format=raw,media=cdrom,readonly=on",
@@ -144,7 +152,7 @@ def qemu_command(boot: BootMedia, opts: RunOptions, *, accel: str, iso: Path | N
         opts.qemu, "-M", "pc", "-accel", accel, "-smp", str(opts.cpus), "-m", str(opts.mem),
         "-nographic", "-no-reboot", "-nodefaults",
         "-chardev", chardev, "-serial", "chardev:con",
-        *(firmware_args or []), *boot_args(boot),
+        *(firmware_args or []), *boot_args(boot, user_data=iso is not None),
         "-nic", nic,
     ]  # fmt: skip
     cmd += ["-mon", "chardev=con,mode=readline"] if attached else ["-monitor", "none"]
