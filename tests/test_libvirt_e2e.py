@@ -23,7 +23,7 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt")
 
-from harness.libvirtd import boot_files, libvirtd_session  # noqa: E402,F401
+from harness.libvirtd import boot_files, libvirtd_session, remove_everything  # noqa: E402,F401
 from mobykit.core.instance import InstanceCore  # noqa: E402
 from mobykit.flavor.moby import IMAGE_TAG, MobyFlavor  # noqa: E402
 from mobykit.providers.base import BootImage, MachineSpec  # noqa: E402
@@ -75,21 +75,7 @@ def scratch():
 def provider(libvirtd_session):  # noqa: F811
     p = LibvirtProvider(libvirtd_session.config)
     yield p
-    for m in p.list({}):
-        p.destroy(m.id)
-    conn = libvirt.open(libvirtd_session.uri)
-    try:
-        pool = conn.storagePoolLookupByName(libvirtd_session.config["Pool"])
-        for vol in pool.listAllVolumes(0):
-            vol.delete(0)
-        pool.destroy()
-        pool.delete(0)
-        pool.undefine()
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
-    p.close()
+    remove_everything(p, libvirtd_session.uri, libvirtd_session.config["Pool"], delete_dir=True)
     assert not libvirtd_session.pool_path.exists()
 
 

@@ -107,7 +107,7 @@ exec sleep 3600
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_group_members_reach_each_other_and_the_host(libvirtd_session, tmp_path):  # noqa: F811
-    libvirt = pytest.importorskip("libvirt")
+    pytest.importorskip("libvirt")
     from harness import guestkit as gk
     from mobykit.providers.base import MachineSpec
     from mobykit.providers.libvirt import LibvirtProvider
@@ -174,23 +174,10 @@ def test_group_members_reach_each_other_and_the_host(libvirtd_session, tmp_path)
         assert "probe: eth1 10.77.0.13/24" in other, other[-3000:]
         assert "probe: peer 10.77.0.11 answered" not in other
     finally:
-        for iid in ids.values():
-            provider.destroy(iid)
         server.shutdown()
         server.server_close()
-        conn = libvirt.open(libvirtd_session.uri)
-        try:
-            pool = conn.storagePoolLookupByName(libvirtd_session.config["Pool"])
-            for vol in pool.listAllVolumes(0):
-                vol.delete(0)
-            pool.destroy()
-            pool.delete(0)
-            pool.undefine()
-        except libvirt.libvirtError:
-            pass
-        finally:
-            conn.close()
-        provider.close()
+        remove_everything(provider, libvirtd_session.uri, libvirtd_session.config["Pool"], ids=list(ids.values()),
+                          delete_dir=True)
 
 
-from harness.libvirtd import libvirtd_session  # noqa: E402,F401 (the session daemon fixture)
+from harness.libvirtd import libvirtd_session, remove_everything  # noqa: E402,F401 (the session daemon fixture)

@@ -126,21 +126,25 @@ def boot_files() -> Iterator[BootFiles]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def remove_everything(provider, uri: str, pool: str) -> None:
-    """Destroy every domain ``provider`` lists, then empty and remove ``pool`` and close the provider:
-    what a test on libvirt's mock driver made (test:///default keeps its state for the whole process)."""
+def remove_everything(provider, uri: str, pool: str, ids: list[str] | None = None, delete_dir: bool = False) -> None:
+    """Destroy ``ids`` (default: every domain ``provider`` lists), then empty and remove ``pool`` and
+    close the provider: what a test made (test:///default keeps its state for the whole process; a
+    session daemon's dir pool also has a directory, removed with ``delete_dir``)."""
     import libvirt
 
-    for m in provider.list({}):
-        provider.destroy(m.id)
+    for iid in ids if ids is not None else [m.id for m in provider.list({})]:
+        provider.destroy(iid)
     conn = libvirt.open(uri)
     try:
         p = conn.storagePoolLookupByName(pool)
         for vol in p.listAllVolumes(0):
             vol.delete(0)
         p.destroy()
+        if delete_dir:
+            p.delete(0)
         p.undefine()
     except libvirt.libvirtError:
         pass
-    conn.close()
+    finally:
+        conn.close()
     provider.close()
