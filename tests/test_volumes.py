@@ -145,6 +145,15 @@ HEAD = "kernel:\n  image: k:1\ninit: [i:1]\n"
     (HEAD + "volumes:\n  - image: a:1\n", "x.yml:5: volumes[0]: missing required field 'name'"),
     (HEAD + "volumes:\n  - name: data\n    readonly: yes please\n",
      "x.yml:6: volumes[0].readonly: expected true or false, got a string"),
+    (HEAD + "volumes:\n  - name: data\n    persistent: true\n    image: a:1\n",
+     "x.yml:7: volumes[0].image: a persistent volume is blank (backed by the machine's disk 'data'): remove 'image'"),
+    (HEAD + "volumes:\n  - name: data\n    image: a:1\n    format: oci\n    persistent: true\n",
+     "x.yml:6: volumes[0].image: a persistent volume is blank (backed by the machine's disk 'data'): remove 'image'"),
+    (HEAD + "volumes:\n  - name: data\n    persistent: true\n    platforms: [linux/amd64]\n",
+     "x.yml:7: volumes[0].platforms: a persistent volume is blank (backed by the machine's disk 'data'): "
+     "remove 'platforms'"),
+    (HEAD + "volumes:\n  - name: data\n    persistent: 1\n",
+     "x.yml:6: volumes[0].persistent: expected true or false, got a number"),
 ])
 def test_bad_volumes_are_refused_with_file_line_and_field(text, message):
     with pytest.raises(SpecError) as e:
@@ -219,3 +228,29 @@ def test_adding_a_volume_changes_the_image(cache, tmp_path):
     a, _ = _build(tmp_path / "a.yml", cache, tmp_path / "a")
     b, _ = _build(tmp_path / "b.yml", cache, tmp_path / "b")
     assert a.image_id != b.image_id
+
+
+def test_a_persistent_volume_is_blank_with_a_marker_and_no_tmp(cache, tmp_path):
+    base = HEAD.replace("k:1", "example.test/kernel:1").replace("i:1", "example.test/init:1")
+    (tmp_path / "p.yml").write_text(base + "services:\n  - name: s\n    image: example.test/busybox:latest\n"
+                                    "    binds: [data:/data, logs:/logs:ro]\n"
+                                    "volumes:\n  - name: data\n    persistent: true\n"
+                                    "  - name: logs\n    persistent: true\n    readonly: true\n")
+    _, tf = _build(tmp_path / "p.yml", cache, tmp_path / "out")
+    names = set(tf.getnames())
+    for v in ("data", "logs"):
+        assert {f"containers/volumes/{v}/lower", f"containers/volumes/{v}/merged"} <= names
+        assert f"containers/volumes/{v}/tmp" not in names
+        assert not [n for n in names if n.startswith(f"containers/volumes/{v}/lower/")]
+    assert tf.extractfile("containers/volumes/data/persistent").read() == b"rw"
+    assert tf.extractfile("containers/volumes/logs/persistent").read() == b"ro"
+    assert _mount(_config(tf, "services/s"), "/data")["source"] == MERGED.format("data")
+
+
+def test_persistent_false_builds_the_same_image_and_true_another(cache, tmp_path):
+    base = HEAD.replace("k:1", "example.test/kernel:1").replace("i:1", "example.test/init:1")
+    ids = []
+    for i, extra in enumerate(("", "    persistent: false\n", "    persistent: true\n")):
+        (tmp_path / f"{i}.yml").write_text(base + "volumes:\n  - name: data\n" + extra)
+        ids.append(_build(tmp_path / f"{i}.yml", cache, tmp_path / f"o{i}")[0].image_id)
+    assert ids[0] == ids[1] != ids[2]

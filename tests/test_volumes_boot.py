@@ -9,7 +9,9 @@ bind their merged/ directories as the build rewrites ``binds: [NAME:/path]``.
 Disks: the format and mount packages (specs/pkgs/format, specs/pkgs/mount) in a real build of a
 spec, booted twice with the same two virtio disks (serials as the libvirt provider gives its
 persistent volumes): a blank one is formatted at the first boot only, one holding a filesystem
-never, and a service sees the mount and its data from the first boot at the second.
+never, and a service sees the mount and its data from the first boot at the second. The same boots back a
+``persistent: true`` volume with a third blank disk (serial pvol), formatted by the init's
+mobykit-volumes at the first boot only.
 
 Each scenario boots once (module fixtures); each test checks one promise against the consoles."""
 
@@ -158,9 +160,14 @@ onboot:
 services:
   - name: app
     image: "@pkg:{PKGS}/init"
-    binds: ["/var/lib/data:/data"]
-    command: ["/bin/sh", "-c", "n=$(( $(cat /data/boots 2>/dev/null || echo 0) + 1 )); echo $n > /data/boots; sync;
+    binds: ["/var/lib/data:/data", "pvol:/pv"]
+    command: ["/bin/sh", "-c", "n=$(( $(cat /data/boots 2>/dev/null || echo 0) + 1 )); echo $n > /data/boots;
+      p=$(( $(cat /pv/boots 2>/dev/null || echo 0) + 1 )); echo $p > /pv/boots; sync;
+      echo \\"app: pvol=$p fs=$(grep ' /pv ' /proc/self/mounts | cut -d' ' -f3,4 | cut -d, -f1)\\";
       echo \\"app: boot=$n fs=$(grep ' /data ' /proc/self/mounts | cut -d' ' -f3)\\"; exec sleep 3600"]
+volumes:
+  - name: pvol
+    persistent: true
 """
 
 
@@ -194,6 +201,7 @@ class DiskBoots:
     image_id: str
     data_disk: Path
     other_disk: Path
+    pvol_disk: Path
     other_file: str
 
 
@@ -207,9 +215,10 @@ def disk_boots(tmp_path_factory) -> DiskBoots:
     spec = tmp / "disks.yml"
     spec.write_text(DISK_SPEC)
     result = build([spec], outdir=tmp / "out", name="disks", cache=Cache(tmp / "cache"))
-    data, other = tmp / "data.raw", tmp / "other.raw"
-    with open(data, "wb") as f:
-        f.truncate(64 << 20)
+    data, other, pvol = tmp / "data.raw", tmp / "other.raw", tmp / "pvol.raw"
+    for blank, size in ((data, 64 << 20), (pvol, 16 << 20)):
+        with open(blank, "wb") as f:
+            f.truncate(size)
     content = tmp / "content"
     content.mkdir()
     (content / "hello").write_text("made on the host\n")
@@ -220,12 +229,12 @@ def disk_boots(tmp_path_factory) -> DiskBoots:
     for _ in range(2):
         with gk.workdir() as wd, _qemu(result.path("-kernel"), result.path("-initrd.img"),
                                        result.path("-cmdline").read_text().strip(),
-                                       {"data": data, "other": other}, wd) as g:
+                                       {"data": data, "other": other, "pvol": pvol}, wd) as g:
             g.wait_for(r"^mobykit: (not )?ready .*$", 240)
             g.wait_for(r"^app: boot=", 60)
             consoles.append(g.text())
     cat = subprocess.run(["debugfs", "-R", "cat /hello", str(other)], capture_output=True, text=True)
-    return DiskBoots(consoles[0], consoles[1], result.image_id, data, other, cat.stdout)
+    return DiskBoots(consoles[0], consoles[1], result.image_id, data, other, pvol, cat.stdout)
 
 
 def test_disk_boots_are_ready(disk_boots):
@@ -252,3 +261,15 @@ def test_a_disk_holding_a_filesystem_is_never_formatted(disk_boots):
     for console in (disk_boots.first, disk_boots.second):
         assert "labelled clobber" not in console
     assert disk_boots.other_file == "made on the host\n"
+
+
+def test_a_persistent_volume_is_the_disk_of_its_name_formatted_once(disk_boots):
+    first, second = disk_boots.first, disk_boots.second
+    assert re.search(r"^mobykit: volume pvol: making an ext2 filesystem labelled pvol on /dev/vd\w$", first, re.M), \
+        first[-4000:]
+    assert "making an ext2" not in second
+    assert "mobykit: volume pvol failed" not in first + second
+    assert re.search(r"^app: pvol=1 fs=ext[24] rw$", first, re.M), first[-4000:]
+    assert re.search(r"^app: pvol=2 fs=ext[24] rw$", second, re.M), second[-4000:]
+    probe = subprocess.run(["blkid", "-p", "-o", "export", str(disk_boots.pvol_disk)], capture_output=True, text=True)
+    assert "LABEL=pvol" in probe.stdout, probe

@@ -6,7 +6,8 @@
 - each ``volumes`` entry at ``containers/volumes/NAME``: ``lower/`` (empty, the image's root
   filesystem, or the image as an OCI image layout), ``merged/`` (what binds name; the init mounts
   lower there) and, unless the volume is read-only, ``tmp/`` (the init's tmpfs for the overlay's
-  upper layer), as LinuxKit lays them out;
+  upper layer), as LinuxKit lays them out; a ``persistent`` volume has a ``persistent`` file
+  (``rw`` / ``ro``) instead of ``tmp/``: the guest mounts the machine's disk of that name;
 - one OCI bundle per onboot/service/onshutdown entry (``mobykit.image.bundle``);
 - the ``files`` section, so it can override anything above;
 - the SBOM (``mobykit.image.sbom``) at ``/sbom.spdx.json`` last, as ``linuxkit build`` writes it
@@ -123,7 +124,9 @@ def assemble(spec, images: dict[str, ImageInfo], cache: Cache, work: Path, progr
         else:
             tree.add_dir(lower, mode=0o755)
         tree.add_dir(f"{vol.dir}/merged", mode=0o755)
-        if not vol.readonly:
+        if vol.persistent:  # the guest mounts the machine's disk on merged/ (mobykit-volumes)
+            tree.add_bytes(f"{vol.dir}/persistent", b"ro" if vol.readonly else b"rw", mode=0o644)
+        elif not vol.readonly:
             tree.add_dir(f"{vol.dir}/tmp", mode=0o755)
     for kind in KINDS:
         for entry in getattr(spec, kind):

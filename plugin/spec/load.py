@@ -105,6 +105,7 @@ def spec_from_document(doc: Document, base: Path) -> Spec:
         spec.volumes.append(Volume(
             name=raw["name"], image=raw.get("image"), readonly=bool(raw.get("readonly", False)),
             format=raw.get("format"), platforms=list(raw["platforms"]) if "platforms" in raw else None,
+            persistent=bool(raw.get("persistent", False)),
             file=doc.file, line=doc.line(("volumes", i)), field=f"volumes[{i}]",
         ))
     for i, raw in enumerate(data.get("files", [])):

@@ -152,13 +152,16 @@ class Volume:
     """One ``volumes:`` entry (LinuxKit's build-time named volume). ``image`` unset: a blank
     directory; set: the image's root filesystem (``format`` unset or ``filesystem``) or the image
     as an OCI image layout (``format: oci``, for ``platforms``, default the build's). ``readonly``
-    volumes may only be mounted ``ro``. Containers name it as the source of a bind."""
+    volumes may only be mounted ``ro``. ``persistent``: a blank volume the guest backs with the
+    provider's disk of the same name (marker file ``persistent`` instead of ``tmp/``).
+    Containers name it as the source of a bind."""
 
     name: str
     image: str | None = None
     readonly: bool = False
     format: str | None = None
     platforms: list[str] | None = None
+    persistent: bool = False
     file: str | None = None
     line: int | None = None
     field: str | None = None
@@ -189,6 +192,8 @@ class Volume:
             d["format"] = self.format
         if self.platforms is not None:
             d["platforms"] = list(self.platforms)
+        if self.persistent:  # absent when false, so specs without it keep their canonical form
+            d["persistent"] = True
         return d
 
 

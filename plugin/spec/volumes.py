@@ -11,7 +11,9 @@ Errors, as LinuxKit makes them at build time, but before anything is fetched and
 file:line of the offending item: a name that is not lower-case letters, digits, ``-`` and ``_``;
 the same name declared twice (in any of the merged files); a bind of an undeclared name; a
 read-write mount of a ``readonly`` volume (a bind without ``ro`` as its option, a mount without
-``ro`` before any ``rw`` in its options).
+``ro`` before any ``rw`` in its options); a ``persistent: true`` volume (backed at run time by
+the provider's disk named like it, see the guest's ``mobykit-volumes``) with ``image``,
+``format`` or ``platforms``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def check_document(p, data: dict) -> None:
             for j, plat in enumerate(v["platforms"]):
                 if not PLATFORM_RE.match(plat):
                     p.add(base + ("platforms", j), f"platform {plat!r} is not linux/ARCH or linux/ARCH/VARIANT")
+        if v.get("persistent"):
+            # the provider's disk is the content: nothing of the build's may go in it
+            for key in ("image", "format", "platforms"):
+                if key in v:
+                    p.add(base + (key,), f"a persistent volume is blank (backed by the machine's disk "
+                                         f"{v['name']!r}): remove {key!r}")
 
 
 def check_unique(spec: Spec) -> None:
