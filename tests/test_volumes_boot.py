@@ -273,3 +273,19 @@ def test_a_persistent_volume_is_the_disk_of_its_name_formatted_once(disk_boots):
     assert re.search(r"^app: pvol=2 fs=ext[24] rw$", second, re.M), second[-4000:]
     probe = subprocess.run(["blkid", "-p", "-o", "export", str(disk_boots.pvol_disk)], capture_output=True, text=True)
     assert "LABEL=pvol" in probe.stdout, probe
+
+
+def test_a_persistent_volume_without_its_disk_fails_the_volume(tmp_path):
+    """The script as the guest runs it (Debian's busybox sh, whose applets come before PATH), on
+    this machine, which has no disk with that label or serial: after its bounded wait it names
+    the volume and exits 1, and leaves merged/ unmounted."""
+    name = "mobykit-test-no-such-disk"
+    v = tmp_path / name
+    (v / "lower").mkdir(parents=True)
+    (v / "merged").mkdir()
+    (v / "persistent").write_text("rw")
+    script = ROOT / "specs" / "pkgs" / "init" / "rootfs" / "usr" / "bin" / "mobykit-volumes"
+    r = subprocess.run(["busybox", "sh", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert r.stdout == f"mobykit: volume {name} failed: no disk for persistent volume {name}\n", r
+    assert f" {v / 'merged'} " not in Path("/proc/mounts").read_text()
