@@ -86,15 +86,19 @@ class EtcdClient:
         h, p = self.endpoints[self._current]
         return f"{h}:{p}"
 
+    def _members(self):
+        """(index, client) of each member once, starting with the last one that answered."""
+        for i in range(len(self.clients)):
+            with self._lock:
+                idx = (self._current + i) % len(self.clients)
+            yield idx, self.clients[idx]
+
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST one v3 gateway request, trying each member once starting with the last good one."""
         from etcd3gw import exceptions as ex
 
         errors = []
-        for i in range(len(self.clients)):
-            with self._lock:
-                idx = (self._current + i) % len(self.clients)
-            c = self.clients[idx]
+        for idx, c in self._members():
             try:
                 out = c.post(c.get_url(path), json=body)
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError) as e:
@@ -114,10 +118,7 @@ class EtcdClient:
     def stream(self, body: dict[str, Any]) -> requests.Response:
         """Open a watch stream on the current member (or the next that answers)."""
         errors = []
-        for i in range(len(self.clients)):
-            with self._lock:
-                idx = (self._current + i) % len(self.clients)
-            c = self.clients[idx]
+        for _idx, c in self._members():
             try:
                 r = c.session.post(c.get_url("/watch"), json=body, stream=True, timeout=(REQUEST_TIMEOUT, None))
                 r.raise_for_status()
