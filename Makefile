@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # guest pieces (busybox, cpio, depmod), ISO and disk tools, skopeo/umoci for OCI layouts,
 # buildah for the Dockerfile test; boot loaders, firmware and file system tools for the disk and ISO formats.
 APT_PACKAGES := docker-registry qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
-  libvirt-clients libvirt-dev pkg-config busybox-static xorriso genisoimage zstd cpio kmod skopeo umoci \
+  libvirt-clients libvirt-dev pkg-config busybox-static xorriso genisoimage zstd lz4 cpio kmod skopeo umoci \
   mtools dosfstools buildah debootstrap openssl libarchive-tools \
   isolinux syslinux syslinux-common syslinux-utils grub-efi-amd64-bin grub-pc-bin grub-common squashfs-tools ovmf fdisk \
   etcd-server etcd-client

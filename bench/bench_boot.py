@@ -17,7 +17,9 @@ floor booted in the same run.
 - with --before REV: a third column, "before": runc with the init package as it was at git
   revision REV (specs/pkgs/init from `git archive`), to show before and after in one run;
 - with --run-qemu N: `mobykit run qemu --until-ready` (the command a user types, process start
-  to exit) on minimal.yml's build against the same command on the floor's initrd, interleaved.
+  to exit) on minimal.yml's build against the same command on the floor's initrd, interleaved;
+- with --gzip: a column "gzip": the crun images with their initrd's cpio gzip'd (LinuxKit's and
+  mobykit's choice before, and what a kernel without CONFIG_RD_LZ4 gets) instead of LZ4.
 
 Same qemu flags for every image (-M pc, TCG, 512 MiB, virtio-net user networking); all runs are
 interleaved (floor, then each image with each runtime, repeated). Target: minimal/floor <= 1.5x.
@@ -135,6 +137,22 @@ def old_init_recipe(rev: str, work: Path) -> Path:
     return out
 
 
+def gzip_variant(initrd: Path, out: Path) -> Path:
+    """``initrd`` with its LZ4 cpio gzip'd instead (what the builder writes for a kernel without
+    CONFIG_RD_LZ4), to time the codec alone."""
+    from mobykit.image import lz4legacy
+    from mobykit.image.pgzip import ParallelGzip
+
+    data = initrd.read_bytes()
+    if not data.startswith(lz4legacy.MAGIC):
+        raise SystemExit(f"{initrd}: not an LZ4 initrd (does the kernel's config say CONFIG_RD_LZ4=y?)")
+    with open(out, "wb") as f:
+        gz = ParallelGzip(f)
+        gz.write(lz4legacy.decompress(data))
+        gz.close()
+    return out
+
+
 def run_qemu(prefix: Path) -> float:
     start = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "mobykit.cli.main", "run", "qemu", "--until-ready", str(prefix)],
@@ -151,6 +169,7 @@ def main() -> int:
     ap.add_argument("--run-qemu", type=int, default=0, metavar="N",
                     help="also time `mobykit run qemu --until-ready` on minimal.yml against the floor, N each")
     ap.add_argument("--before", metavar="REV", help="add a column: runc with the init package at git revision REV")
+    ap.add_argument("--gzip", action="store_true", help="add a column: crun with the initrd's cpio gzip'd")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mobykit-bench-boot-"))
     try:
@@ -161,6 +180,12 @@ def main() -> int:
             (name, rt): build([spec_for(spec, rt, old_init)], outdir=work, name=f"{name}-{rt}", cache=cache)
             for name, spec in SPECS for rt in runtimes
         }
+        initrds = {key: b.path("-initrd.img") for key, b in builds.items()}
+        if args.gzip:
+            for name, _ in SPECS:
+                initrds[name, "gzip"] = gzip_variant(initrds[name, "crun"], work / f"{name}-gzip-initrd.img")
+                builds[name, "gzip"] = builds[name, "crun"]
+            runtimes += ("gzip",)
         r = builds["minimal", "crun"]
         cmdline = r.path("-cmdline").read_text().strip()
         kernel = r.path("-kernel").read_bytes()
@@ -176,8 +201,8 @@ def main() -> int:
         for _ in range(args.runs):
             times["floor", ""].append(
                 time_to(READY, r.path("-kernel"), work / "floor-initrd.img", cmdline)[0])
-            for key, b in builds.items():
-                took, console = time_to(READY, r.path("-kernel"), b.path("-initrd.img"), cmdline)
+            for key in builds:
+                took, console = time_to(READY, r.path("-kernel"), initrds[key], cmdline)
                 times[key].append(took)
                 traces[key].append(steps(console))
                 if m := MEM.search(console):
@@ -203,7 +228,7 @@ def main() -> int:
                                 ("minimal's three containers (minimal - empty)", "minimal", "empty")):
                 print(f"| {label} | " + " | ".join(f"{med[a, rt] - med[b, rt]:.2f} s" for rt in runtimes) + " |")
             print("| minimal.yml initrd | " + " | ".join(
-                f"{builds['minimal', rt].path('-initrd.img').stat().st_size / 1e6:.1f} MB" for rt in runtimes) + " |")
+                f"{initrds['minimal', rt].stat().st_size / 1e6:.1f} MB" for rt in runtimes) + " |")
             print("| memory in use at ready (MemTotal - MemAvailable, trace) | " + " | ".join(
                 f"{statistics.median(mem['minimal', rt]) / 1024:.1f} MiB" if mem["minimal", rt] else "-"
                 for rt in runtimes) + " |")

@@ -94,7 +94,7 @@ def input_hash(r: recipe_mod.Recipe, pkgs: list[apt.Package], kpkg: apt.Package 
         "name": r.name,
         "files": _recipe_files(r),
         "packages": [[p.name, p.version, p.arch, p.sha256] for p in pkgs],
-        "kernel": [kpkg.name, kpkg.version, kpkg.arch, kpkg.sha256] if kpkg else None,
+        "kernel": [kpkg.name, kpkg.version, kpkg.arch, kpkg.sha256, kernel.FORMAT] if kpkg else None,
     }
     return hashlib.sha256(_json(doc)).hexdigest()
 

@@ -1,5 +1,5 @@
 """A LinuxKit-shaped kernel image from a Debian kernel package: ``kernel`` (the bzImage) and
-``kernel.tar`` (the modules an image needs) at the image root.
+``kernel.tar`` (the modules an image needs, and ``boot/config-<version>``) at the image root.
 
 Why a module subset with our own ``modules.dep``: the Debian package carries 1100+ modules (tens
 of MB in every initrd) and no modules.dep (its postinst runs depmod on the installed system). We
@@ -24,6 +24,7 @@ from mobykit.image.tree import Tree, write_tar
 from mobykit.pkg.trees import dir_tree, materialize
 
 MODULES_LOAD = "etc/modules-load.d/mobykit.conf"
+FORMAT = 2  # what a kernel image holds; 2: boot/config-<version> added (part of the recipe's cache key)
 _KO = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
 _AUX = ("modules.builtin", "modules.builtin.modinfo", "modules.order")
 
@@ -88,6 +89,12 @@ def build(pkg_tree: Tree, wanted: list[str], work: Path, where: str) -> KernelPa
 
     for name in wanted:
         visit(name, [])
+    # The kernel's build config goes along in boot/ (never copied into the initrd): the image
+    # builder reads it for what the kernel can unpack (mobykit/image/kconfig.py), and users for
+    # what it was built with, as Debian's /boot/config-* and LinuxKit's /proc/config.gz serve.
+    config = pkg_tree.get(f"boot/config-{version}")
+    if config is not None and config.type == "file":
+        materialize(config, root / config.path)
     for aux in _AUX:
         e = pkg_tree.get(f"{mdir}/{aux}")
         if e is not None:
