@@ -680,6 +680,54 @@ def test_a_groups_consoles_are_read_while_its_listing_runs(aws):
     p.close()
 
 
+def test_an_instance_launched_while_its_groups_listing_runs_has_its_console_read_meanwhile(aws):
+    """The controller lists as soon as the first launch of a wave returns; the rest return while that
+    listing runs, and it shows them (recent.py). Their consoles are read from their launch on, not
+    after the listing returns; a launch for another group is not read."""
+    p = provider()
+    p.reap_interval = 3600.0
+    image = "sha256:" + "f" * 64
+    ami = ec2().register_image(Name="ours", TagSpecifications=[
+        {"ResourceType": "image", "Tags": [{"Key": IMAGE_TAG, "Value": image}]}])["ImageId"]
+    props = {"RunInstancesInput": {"ImageId": ami}}
+    tags = {GROUP_TAG: "wave", "ns": "a"}
+    assert p.list(tags) == []
+    aws.faults.slow = {"DescribeInstances": 0.8}  # < MAX_AGE / 2: the read is not redone
+    aws.faults.record = []
+    listed: list[list[str]] = []
+    lister = threading.Thread(target=lambda: listed.append([m.id for m in p.list(tags)]))
+    lister.start()
+    wait_until(lambda: any(c["Action"] == "DescribeInstances" for c in aws.faults.record), "the listing sent", 10)
+    made = p.create(MachineSpec(props, {**tags, "x": "1"}))
+    p.create(MachineSpec(props, {GROUP_TAG: "another", "ns": "a"}))
+    lister.join(30)
+    assert listed == [[made.id]]  # the listing shows the launch that returned while it ran
+    aws.faults.slow = {}
+    arrived = {c["Action"]: float(c["at"]) for c in aws.faults.record if c["Action"] != "RunInstances"}
+    assert [c.get("InstanceId") for c in aws.faults.record if c["Action"] == "GetConsoleOutput"] == [made.id]
+    assert arrived["GetConsoleOutput"] < arrived["DescribeInstances"] + 0.8  # asked before the listing returned
+    assert f"mobykit: ready {image}" in p.console_output(made.id)
+    assert len([c for c in aws.faults.record if c["Action"] == "GetConsoleOutput"]) == 1  # that read served it
+    p.close()
+
+
+def test_the_harness_reads_a_resources_tags_as_moto_does(aws):
+    """extend_moto reads one resource's tags from its own entry (moto scans every tag of the region):
+    the same answer as moto's describe_tags by resource id, for an instance and for its volume."""
+    ami = ec2().register_image(Name="base")["ImageId"]
+    tags = [{"Key": "b", "Value": "2"}, {"Key": "a", "Value": ""}]
+    specs = [{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags[:1]}]
+    iid = ec2().run_instances(ImageId=ami, MinCount=1, MaxCount=1, TagSpecifications=specs)["Instances"][0]["InstanceId"]
+    backend = ec2_backend(REGION)
+    inst = backend.get_instance(iid)
+    disks = [backend.get_volume(d.volume_id) for d in inst.block_device_mapping.values()]
+    assert disks and disks[0].get_tags()
+    for resource in (inst, *disks):
+        assert resource.get_tags() == backend.describe_tags(filters={"resource-id": [resource.id]})
+    assert {(t["key"], t["value"]) for t in inst.get_tags()} == {("a", ""), ("b", "2")}
+    ec2().terminate_instances(InstanceIds=[iid])
+
+
 # -- through `mobykit serve` ------------------------------------------------------------------------
 
 

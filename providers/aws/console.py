@@ -14,8 +14,12 @@ most ``limit`` instances starts reads.
 The reads do not even wait for the listing: the instances a group's listing will show are, but
 for changes, the ones its previous listing showed plus the ones this provider launched with its
 tags since (``Expected``), so their reads start when the listing starts and a health pass costs
-one round trip, not two (a listing, then the consoles). Instances the listing shows that were not
-expected are read when it returns; reads of expected ones it does not show are never handed out.
+one round trip, not two (a listing, then the consoles). An instance launched with a group's tags
+while that group's listing runs is one the listing will show (``recent.py`` adds it), so its read
+starts when its RunInstances returns: the controller lists as soon as the first launch of a wave
+returns, and the rest of the wave comes back during that listing. Instances the listing shows that
+were not expected are read when it returns; reads of expected ones it does not show are never
+handed out.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Expected:
     """By a group listing's tags: the instance ids its next listing is expected to show."""
 
     _ids: dict[Key, set[str]] = field(default_factory=dict)
+    _listing: dict[Key, int] = field(default_factory=dict)  # listings by these tags running now
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @staticmethod
@@ -47,21 +52,37 @@ class Expected:
 
     def before(self, tags: dict[str, str]) -> frozenset[str]:
         """A listing by ``tags`` starts: what it should show (and from now on, launches are kept)."""
+        key = self.key(tags)
         with self._lock:
-            return frozenset(self._ids.setdefault(self.key(tags), set()))
+            self._listing[key] = self._listing.get(key, 0) + 1
+            return frozenset(self._ids.setdefault(key, set()))
 
-    def after(self, tags: dict[str, str], before: frozenset[str], listed: list[str]) -> None:
-        """The listing returned ``listed``: that, plus what was launched while it ran, is expected next."""
+    def after(self, tags: dict[str, str], before: frozenset[str], listed: list[str] | None) -> None:
+        """The listing returned ``listed``: that, plus what was launched while it ran, is expected
+        next. ``listed`` None: it failed (what is expected stays as it was)."""
+        key = self.key(tags)
         with self._lock:
-            current = self._ids.setdefault(self.key(tags), set())
+            running = self._listing.get(key, 0) - 1
+            if running > 0:
+                self._listing[key] = running
+            else:
+                self._listing.pop(key, None)
+            if listed is None:
+                return
+            current = self._ids.setdefault(key, set())
             launched_meanwhile = current - before
-            self._ids[self.key(tags)] = set(listed) | launched_meanwhile
+            self._ids[key] = set(listed) | launched_meanwhile
 
-    def launched(self, instance_id: str, tags: dict[str, str]) -> None:
+    def launched(self, instance_id: str, tags: dict[str, str]) -> bool:
+        """An instance was launched with ``tags``: the next listing of every group whose tags it has
+        is expected to show it. True when such a listing is running now (it will show it)."""
+        listing = False
         with self._lock:
             for key, ids in self._ids.items():
                 if all(tags.get(k) == v for k, v in key):
                     ids.add(instance_id)
+                    listing = listing or self._listing.get(key, 0) > 0
+        return listing
 
     def gone(self, instance_id: str) -> None:
         with self._lock:

@@ -167,7 +167,8 @@ class AWSProvider:
         own = {k: v for k, v in instances.tag_dict(given["instance"]["Tags"]).items() if not k.startswith("aws:")}
         made = dataclasses.replace(made, tags={**made.tags, **own})  # as tagged, whatever the answer echoed
         self.recent.launched(made)
-        self.expected.launched(made.id, made.tags)
+        if self.expected.launched(made.id, made.tags):  # a listing of its group runs: it will show it
+            self.consoles.prefetch([made.id])  # so its console is read meanwhile (console.py)
         if planned:
             self._attach(ec2, made, planned)
         return made
@@ -284,8 +285,13 @@ class AWSProvider:
             expected = self.expected.before(tags)
             self.consoles.prefetch(sorted(expected))  # while the listing runs (console.py)
         # EC2's answer, plus what this provider launched that it does not show yet (recent.py).
-        found = self.recent.merge([m for ms in self._each_region(lambda ec2: instances.describe(ec2, dict(tags)))
-                                   for m in ms], tags)
+        try:
+            found = self.recent.merge([m for ms in self._each_region(lambda ec2: instances.describe(ec2, dict(tags)))
+                                       for m in ms], tags)
+        except BaseException:
+            if group and self.early_consoles:
+                self.expected.after(tags, expected, None)
+            raise
         if group:
             ids = [m.id for m in found]
             if self.early_consoles:

@@ -19,6 +19,15 @@ process (so it only works for the in-process server) and every patch is undone o
   token; here a repeated token returns the first one, as EC2 and EBS do.
 - ImportSnapshot / DescribeImportSnapshotTasks (moto answers 500): a task that completes at once,
   making a snapshot of the S3 object's size.
+
+``extend_moto`` also removes per-call CPU that moto spends on work whose answer never changes or
+is thrown away (``_speed_up``: no answer changes), because in a benchmark this one Python process
+serves every call of a group one after another, where the real service serves them on separate
+machines: the directory listing of moto's own package (twice per request, ~180 stats each), the
+``inspect`` scan of a response class for its action methods (per request), the tags of one resource
+found by scanning every tag of the region (per instance per DescribeInstances filter: a listing's
+cost grew with every instance and volume ever made), and RunInstances' scan of ~1,300 instance
+type offerings whose result is only used when ``MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION`` is set.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ class Faults:
     failed, drawn from a seeded RNG; ``kinds`` picks among "throttle", "503" and "lost".
     ``record``: when a list, the parameters of every EC2 (query protocol) call are appended to it as
     the server received them (``{"Action": ..., "Filter.1.Name": ...}``, and ``"at"``: the
-    ``time.monotonic()`` of its arrival), so a test can check what was filtered on the server."""
+    ``time.monotonic()`` of its arrival), so a test can check what was filtered on the server.
+    ``slow``: extra seconds for the EC2 actions named (``{"DescribeInstances": 1.5}``), after ``latency``."""
 
     app: Callable[..., Any]
     rate: float = 0.0
@@ -60,6 +70,7 @@ class Faults:
     injected: dict[str, int] = field(default_factory=dict)
     calls: int = 0
     record: list[dict[str, str]] | None = None
+    slow: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -68,8 +79,11 @@ class Faults:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO", "").startswith("/moto-api"):
             return self.app(environ, start_response)
-        if self.record is not None:
-            self._record(environ)
+        params = self._params(environ) if self.record is not None or self.slow else None
+        if params is not None and self.record is not None:
+            with self._lock:
+                if self.record is not None:
+                    self.record.append({**params, "at": str(time.monotonic())})
         with self._lock:
             self.calls += 1
             kind = self._rng.choice(self.kinds) if self._rng.random() < self.rate else None
@@ -77,6 +91,8 @@ class Faults:
                 self.injected[kind] = self.injected.get(kind, 0) + 1
         if self.latency:
             time.sleep(self.latency)
+        if params and self.slow.get(params.get("Action", "")):
+            time.sleep(self.slow[params["Action"]])
         rest_json = environ.get("PATH_INFO", "").startswith("/snapshots")  # the EBS direct APIs
         if kind == "throttle":
             return _error(start_response, rest_json, 429 if rest_json else 503,
@@ -90,17 +106,15 @@ class Faults:
         return self.app(environ, start_response)
 
 
-    def _record(self, environ: dict[str, Any]) -> None:
+    @staticmethod
+    def _params(environ: dict[str, Any]) -> dict[str, str] | None:
+        """An EC2 (query protocol) call's parameters; None for other calls."""
         if not environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
-            return
+            return None
         size = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(size)
         environ["wsgi.input"] = io.BytesIO(body)  # moto reads it again
-        params = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode(), keep_blank_values=True).items()}
-        params["at"] = str(time.monotonic())
-        with self._lock:
-            if self.record is not None:
-                self.record.append(params)
+        return {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode(), keep_blank_values=True).items()}
 
 
 def _error(start_response: Callable[..., Any], rest_json: bool, status: int, code: str, message: str) -> list[bytes]:
@@ -138,7 +152,7 @@ class MotoServer(ThreadedMotoServer):
         import urllib.request
 
         urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")).read()
-        self.faults.rate, self.faults.latency, self.faults.record = 0.0, 0.0, None
+        self.faults.rate, self.faults.latency, self.faults.record, self.faults.slow = 0.0, 0.0, None, {}
 
 
 def ec2_backend(region: str) -> Any:
@@ -226,6 +240,13 @@ def extend_moto() -> Iterator[None]:
     original_run = EC2Backend.run_instances
 
     def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from moto import settings
+
+        if not settings.EC2_ENABLE_INSTANCE_TYPE_VALIDATION and not kwargs.get("launch_template"):
+            # moto computes whether the type is offered (a scan of ~1,300 offerings) and uses the
+            # answer only when validation is on; marking the type "default" skips just that scan
+            # (without a launch template nothing else reads the flag).
+            kwargs["is_instance_type_default"] = True
         token = kwargs.get("client_token")
         with tokens_lock:
             seen = self.__dict__.setdefault("_mobykit_tokens", {})
@@ -257,6 +278,7 @@ def extend_moto() -> Iterator[None]:
         ids = self._get_param("ImportTaskIds", []) or list(tasks)
         return ActionResult({"ImportSnapshotTasks": [tasks[i] for i in ids if i in tasks]})
 
+    _speed_up(patch)
     patch(General, "get_console_output", get_console_output)
     patch(AmisResponse, "register_image", register_image)
     patch(EBSBackend, "start_snapshot", start_snapshot)
@@ -274,6 +296,33 @@ def extend_moto() -> Iterator[None]:
     finally:
         for owner, name, value in reversed(saved):
             _set_or_del(owner, name, value)
+
+
+def _speed_up(patch: Callable[[Any, str, Any], None]) -> None:
+    """The CPU savings listed in the module docstring; each returns what moto's own code returns."""
+    import functools
+
+    import moto.backends
+    import moto.core.responses
+    from moto.ec2.models.core import TaggedEC2Resource
+    from moto.ec2.utils import EC2_PREFIX_TO_RESOURCE, get_prefix
+
+    modules = tuple(moto.backends.list_of_moto_modules())  # the installed package does not change
+    patch(moto.backends, "list_of_moto_modules", lambda: modules)
+
+    methods = functools.lru_cache(maxsize=None)(moto.core.responses.method_names_from_class)
+    patch(moto.core.responses, "method_names_from_class", lambda clazz: list(methods(clazz)))
+
+    def get_tags(self: Any) -> list[dict[str, str]]:
+        # What describe_tags(filters={"resource-id": [id]}) returns, read from the one resource's
+        # entry instead of by matching every resource id of the region against a pattern.
+        if not self.id:
+            return []
+        tags = self.ec2_backend.tags.get(self.id) or {}
+        kind = EC2_PREFIX_TO_RESOURCE.get(get_prefix(self.id), "")
+        return [{"resource_id": self.id, "key": k, "value": v, "resource_type": kind} for k, v in tags.items()]
+
+    patch(TaggedEC2Resource, "get_tags", get_tags)
 
 
 def _set_or_del(owner: Any, name: str, value: Any) -> None:
