@@ -212,6 +212,7 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
         flavor = MobyFlavor(config, instances=core)
 
         server_cpu: dict[int, list[float]] = {1: [], size: []}  # moto's CPU seconds per converge, by size
+        client_cpu: dict[int, list[float]] = {1: [], size: []}  # this process's (controller, provider, botocore)
 
         def converge(name: str, n: int) -> float:
             props = {"Allocation": {"Size": n},
@@ -221,7 +222,7 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
                                   options=Options(poll_interval=1.0, max_parallel=max(16, n)))
             if calls is not None:
                 calls.reset()
-            s0, t0 = cpu_seconds(server.pid), time.perf_counter()
+            s0, c0, t0 = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
             ctl.start()
             try:
                 end = t0 + 300
@@ -231,6 +232,7 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
                     time.sleep(0.01)
                 took = time.perf_counter() - t0
                 server_cpu.setdefault(n, []).append(cpu_seconds(server.pid) - s0)
+                client_cpu.setdefault(n, []).append(time.process_time() - c0)
                 return took
             finally:
                 ctl.stop()
@@ -242,6 +244,7 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
         with paths.using(paths.PathPolicy.under([root])):
             warm = converge("warm", 1)  # builds the image and publishes the AMI
             server_cpu[1].clear()
+            client_cpu[1].clear()
             for i in range(rounds):  # interleaved, so the variants and sizes share the machine's load
                 for name, early in variants:
                     provider.early_consoles = provider.consoles.share = early
@@ -260,6 +263,9 @@ def bench_converge(latency: float, size: int, trace: bool = False, compare: bool
     cpu = {n: sorted(v)[len(v) // 2] for n, v in server_cpu.items() if v}
     print(f"moto's own CPU per converge (median): {cpu[1]:.2f} s for 1 instance, {cpu[size]:.2f} s for {size} "
           "(one Python process serving every call: the part of the difference the real service would not add)")
+    cpu = {n: sorted(v)[len(v) // 2] for n, v in client_cpu.items() if v}
+    print(f"this process's CPU per converge (median; controller, flavor, provider, botocore): {cpu[1]:.2f} s for "
+          f"1 instance, {cpu[size]:.2f} s for {size}")
     if calls is not None:
         print(f"\nAWS calls of the last 0 -> {size} run (seconds from the commit; overlapping calls of one "
               "operation are one line):")
