@@ -178,11 +178,11 @@ def loader_initrd(ctx: OutputContext) -> Path:
     """The gzip'd newc loader initrd of this build, made once however many formats need it."""
     if "root-loader" in ctx.shared:
         return ctx.shared["root-loader"]
-    from mobykit.image.formats.initrd import write_gzip_cpio
+    from mobykit.image.formats.initrd import write_cpio
 
     path = ctx.scratch("root-loader") / "loader.img"
     tree = loader_tree(root_tree(ctx), ctx.image_id)
     with open(path, "wb") as out:
-        write_gzip_cpio(tree, out, ctx.mtime)
+        write_cpio(tree, out, ctx.mtime)  # gzip: the small loader, for any kernel
     ctx.shared["root-loader"] = path
     return path

@@ -39,7 +39,6 @@ class BootFiles:
     initrd: Path
     cmdline: str  # for boot loader configs: one line, as the spec wrote it
     cmdline_bytes: bytes = b""  # boot/cmdline exactly (NAME-cmdline)
-    compression: str = "gzip"  # of the initrd's cpio: "gzip" or "lz4" (what the kernel unpacks)
 
 
 def _file_at(tree, path: str):
@@ -82,7 +81,7 @@ def boot_files(ctx: OutputContext) -> BootFiles:
         write_cpio(tree, out, ctx.mtime, compression)
     text = b"".join(cmdline.source.chunks()) if cmdline is not None and cmdline.source is not None else b""
     files = BootFiles(kernel=files.kernel, initrd=files.initrd, cmdline=text.decode("utf-8", "replace").strip(),
-                      cmdline_bytes=text, compression=compression)
+                      cmdline_bytes=text)
     ctx.shared["boot"] = files
     return files
 
@@ -99,11 +98,6 @@ def write_cpio(tree, out: BinaryIO, mtime: int, compression: str = "gzip") -> No
         stream.abort()
         raise
     stream.close()
-
-
-def write_gzip_cpio(tree, out: BinaryIO, mtime: int) -> None:
-    """``tree`` as a gzip'd cpio newc onto ``out`` (the small loader initrds of the disk formats)."""
-    write_cpio(tree, out, mtime, "gzip")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
